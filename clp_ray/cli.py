@@ -1,0 +1,72 @@
+"""Shared command-line plumbing for the thin ``jobs/`` entry points.
+
+Every job gets ``--lang``, ``--profile``, ``--set``, ``--config-dir``, ``--print-config`` and
+``--summary``; user errors (:class:`~clp_ray.errors.ClpRayError`) print one clear message and exit 2
+instead of a traceback; the JSON summary is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Optional
+
+from clp_ray.atomic import write_json
+from clp_ray.config import ExperimentConfig, load_config
+from clp_ray.errors import ClpRayError
+
+EXIT_USER_ERROR = 2
+
+
+def experiment_parser(description: str, *, lang_required: bool = True) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--lang", required=lang_required, help="language config: configs/lang/<lang>.yaml")
+    ap.add_argument(
+        "--profile", default=os.environ.get("CLP_RAY_PROFILE", "local"),
+        help="configs/profiles/<profile>.yaml (default: $CLP_RAY_PROFILE or 'local')",
+    )
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set loss.lam=0.2 (repeatable, applied in order)")
+    ap.add_argument("--config-dir", default=None, help="folder with base.yaml, lang/, profiles/ (default: ./configs of the repo)")
+    ap.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    add_summary_arg(ap)
+    return ap
+
+
+def add_summary_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--summary", default=None, metavar="PATH", help="write a JSON summary of the result here (atomically)")
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.lang, args.profile, args.overrides, config_dir=args.config_dir)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("CLP_RAY_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_job(main: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> int:
+    """Run ``main(args) -> summary dict``: write ``--summary``, map user errors to exit code 2."""
+    setup_logging()
+    try:
+        if getattr(args, "print_config", False):
+            print(config_from_args(args).to_yaml(), end="")
+            return 0
+        summary: Optional[dict] = main(args)
+    except ClpRayError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.summary and summary is not None:
+        write_json(args.summary, summary)
+        logging.getLogger("clp_ray").info("summary written to %s", args.summary)
+    return 0

@@ -1,0 +1,390 @@
+"""The experiment configuration: one typed pydantic tree, loaded from layered YAML files.
+
+Resolution order (later wins): ``configs/base.yaml`` -> ``configs/lang/<lang>.yaml`` ->
+``configs/profiles/<profile>.yaml`` -> each ``--set dotted.key=value`` in order. Every leaf remembers
+the file and line it came from, so a validation error reads
+``configs/lang/hi.yaml:4: loss.temperature: Input should be greater than 0 (got -1)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from clp_ray.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+
+
+def default_config_dir() -> Path:
+    """``$CLP_RAY_CONFIG_DIR`` or the repository's ``configs/`` next to the package."""
+    return Path(os.environ.get("CLP_RAY_CONFIG_DIR", PACKAGE_DIR.parent / "configs"))
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, not silently ignored typos; assignments are validated too.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """A seeded random XLM-R-shaped encoder for tests and the offline profile (no hub access)."""
+
+    hidden_size: int = Field(64, ge=8, le=128)
+    num_layers: int = Field(4, ge=1, le=12)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    vocab_size: int = Field(4000, ge=300, le=50000)
+    max_position_embeddings: int = Field(514, ge=16)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class ModelConfig(_Section):
+    # "tiny" builds TinyModelConfig's encoder offline; anything else is a hub id or a local folder.
+    name_or_path: str = "BAAI/bge-m3"
+    pooling: Literal["cls", "mean"] = "cls"
+    normalize: bool = True
+    query_max_len: int = Field(64, ge=4, le=8192)
+    passage_max_len: int = Field(256, ge=4, le=8192)
+    gradient_checkpointing: bool = False
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class RouterConfig(_Section):
+    balance_coef: float = Field(0.01, ge=0)
+    z_coef: float = Field(0.001, ge=0)
+    jitter: float = Field(0.0, ge=0, lt=1)
+    # top-1 gate: straight_through keeps the forward pass equal to the dense model at init while
+    # still training the router; switch multiplies by the raw probability (Switch Transformer).
+    top1_gate: Literal["straight_through", "switch"] = "straight_through"
+
+
+class MoEConfig(_Section):
+    enabled: bool = True
+    # Encoder layer indices to upcycle; negative indices count from the last layer.
+    layers: list[int] = Field(default_factory=lambda: [-1], min_length=1)
+    site: Literal["intermediate", "output"] = "intermediate"
+    num_experts: int = Field(2, ge=1, le=64)
+    top_k: int = Field(1, ge=1)
+    train_only: Literal["moe", "ffn", "all"] = "moe"
+    router: RouterConfig = RouterConfig()
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> MoEConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        return self
+
+
+class LossConfig(_Section):
+    temperature: float = Field(0.02, gt=0, le=1)
+    lam: float = Field(0.1, ge=0, le=1)
+    cross_device_negatives: bool = True
+
+
+class DataConfig(_Section):
+    # JSONL files or folders: local paths, fsspec URLs (s3://...) or pkg://<bundled asset>.
+    train_paths: list[str] = Field(default_factory=list)
+    train_group_size: int = Field(8, ge=1, le=256)
+    on_bad_record: Literal["error", "skip"] = "error"
+    max_line_bytes: int = Field(1_000_000, ge=64)
+    dev_fraction: float = Field(0.1, ge=0, lt=1)
+    seed: int = 42
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    per_device_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-5, gt=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    # "auto": bf16 on GPU, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    eval_every_steps: Optional[int] = Field(None, ge=1)  # None: once per epoch
+    seed: int = 42
+    max_failures: int = Field(1, ge=-1)
+    output_dir: str = "outputs"
+    run_name: Optional[str] = None
+    storage_path: Optional[str] = None
+
+
+class DeepSpeedConfig(_Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    config_dir: Optional[str] = None  # None: <config dir>/deepspeed
+    offload_optimizer: bool = False
+
+
+class SearchConfig(_Section):
+    num_samples: int = Field(16, ge=1)
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    metric: str = "dev_ndcg@10"
+    seed: int = 0
+    lam: tuple[float, float] = (0.0, 0.5)
+    temperature: tuple[float, float] = (0.01, 0.1)
+    num_experts: list[int] = Field(default_factory=lambda: [2, 4, 8])
+    top_k: list[int] = Field(default_factory=lambda: [1, 2])
+    learning_rate: tuple[float, float] = (5e-6, 5e-5)
+    search_moe: bool = True
+    layer_mode: Literal["single", "block"] = "single"
+    block_size: int = Field(2, ge=1)
+    asha_grace_period: int = Field(1, ge=1)
+    asha_reduction_factor: int = Field(2, ge=2)
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> SearchConfig:
+        for name in ("lam", "temperature", "learning_rate"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}: lower bound {lo} is above upper bound {hi}")
+        return self
+
+
+class TrackingConfig(_Section):
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+    tracking_uri: Optional[str] = None
+    experiment_prefix: str = "clp-ray"
+    registered_model_prefix: str = "clp-ray"
+    artifact_location: Optional[str] = None
+
+
+class EvalConfig(_Section):
+    # BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), or pkg://<bundled asset>.
+    data_dir: Optional[str] = None
+    test_split: str = "test"
+    batch_size: int = Field(64, ge=1)
+    chunk_size: int = Field(4096, ge=1)
+    top_k: int = Field(100, ge=10)
+
+
+class RayConfig(_Section):
+    address: Optional[str] = None  # None: connect to a running cluster if any, else start locally
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    include_dashboard: bool = True
+
+
+class ExperimentConfig(_Section):
+    lang: str = "hi"
+    model: ModelConfig = ModelConfig()
+    moe: MoEConfig = MoEConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    search: SearchConfig = SearchConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def config_hash(self) -> str:
+        """A short stable hash of the resolved config, for naming runs and sweeps."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (``loss.temperature``), e.g. for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = node
+
+        walk("", self.to_dict())
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Layered loading with provenance.
+
+
+class _Layer:
+    """One source of settings: its data and, per dotted key, where that key was written."""
+
+    def __init__(self, data: dict[str, Any], where: dict[str, str]):
+        self.data = data
+        self.where = where
+
+
+def _node_lines(node: yaml.Node, path: str, source: str, where: dict[str, str]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{path}.{key_node.value}" if path else str(key_node.value)
+            where[key] = f"{source}:{key_node.start_mark.line + 1}"
+            _node_lines(value_node, key, source, where)
+
+
+def load_yaml_layer(path: Path) -> _Layer:
+    shown = _display_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{shown}: cannot read config file: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{shown}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{shown}:1: top level must be a mapping of sections, got {type(data).__name__}")
+    where: dict[str, str] = {}
+    if node is not None:
+        _node_lines(node, "", shown, where)
+    return _Layer(data, where)
+
+
+def parse_set(assignment: str) -> _Layer:
+    """``train.learning_rate=3e-5`` -> a layer; the value is parsed as a YAML scalar/flow value."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML: {e}") from None
+    data: dict[str, Any] = {}
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    where = {".".join(parts[: i + 1]): f"--set {assignment}" for i in range(len(parts))}
+    return _Layer(data, where)
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any], where: dict[str, str], overlay_where: dict[str, str], prefix: str = "") -> None:
+    for key, value in overlay.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, where, overlay_where, path)
+        else:
+            base[key] = copy.deepcopy(value)
+            # Forget provenance of keys the overlay replaced wholesale.
+            for k in [k for k in where if k.startswith(path + ".")]:
+                del where[k]
+            for k, v in overlay_where.items():
+                if k == path or k.startswith(path + "."):
+                    where[k] = v
+        if path in overlay_where:
+            where[path] = overlay_where[path]
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def known_languages(config_dir: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in ((config_dir or default_config_dir()) / "lang").glob("*.yaml"))
+
+
+def known_profiles(config_dir: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in ((config_dir or default_config_dir()) / "profiles").glob("*.yaml"))
+
+
+def _format_error(err: dict[str, Any], where: dict[str, str]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    dotted = ".".join(loc) or "<root>"
+    source = None
+    for n in range(len(loc), 0, -1):  # longest prefix that some layer wrote
+        source = where.get(".".join(loc[:n]))
+        if source:
+            break
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in err and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{source or 'defaults'}: {dotted}: {msg}"
+
+
+def build_config(layers: list[_Layer]) -> ExperimentConfig:
+    data: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for layer in layers:
+        _merge(data, layer.data, where, layer.where)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [_format_error(err, where) for err in e.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(
+    lang: str | None = None,
+    profile: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    config_dir: str | os.PathLike | None = None,
+    extra_files: list[str | os.PathLike] | tuple = (),
+) -> ExperimentConfig:
+    """Resolve base -> lang -> profile -> extra files -> ``--set`` overrides into a validated config."""
+    cdir = Path(config_dir) if config_dir else default_config_dir()
+    base = cdir / "base.yaml"
+    if not base.exists():
+        raise ConfigError(f"{_display_path(base)}: base config not found (config dir {cdir})")
+    layers = [load_yaml_layer(base)]
+    if lang is not None:
+        lang_file = cdir / "lang" / f"{lang}.yaml"
+        if not lang_file.exists():
+            raise ConfigError(
+                f"unknown language {lang!r}: no {_display_path(lang_file)}; "
+                f"known languages: {', '.join(known_languages(cdir)) or '(none)'}"
+            )
+        layers.append(load_yaml_layer(lang_file))
+        layers.append(_Layer({"lang": lang}, {"lang": f"--lang {lang}"}))
+    if profile is not None:
+        profile_file = cdir / "profiles" / f"{profile}.yaml"
+        if not profile_file.exists():
+            raise ConfigError(
+                f"unknown profile {profile!r}: no {_display_path(profile_file)}; "
+                f"known profiles: {', '.join(known_profiles(cdir)) or '(none)'}"
+            )
+        layers.append(load_yaml_layer(profile_file))
+    layers.extend(load_yaml_layer(Path(f)) for f in extra_files)
+    layers.extend(parse_set(s) for s in overrides)
+    return build_config(layers)
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+    """Resolve a config path: ``pkg://x`` names the package's bundled assets (so the offline
+    profile works from any directory); URLs and other paths are returned as given."""
+    p = str(path)
+    if p.startswith("pkg://"):
+        return str(ASSETS_DIR / p.removeprefix("pkg://"))
+    return p

@@ -1,0 +1,494 @@
+"""CLP training data: record validation, datasets-backed loading, train/dev split, grouping, collation.
+
+Record (JSON Lines, one per line; ``../shared/DESIGN.md`` §3)::
+
+    {"query": str, "pos": [str, ...], "neg": [str, ...], "neg_q": [str, ...],
+     "pos_scores": [float, ...], "neg_scores": [float, ...]}        # scores optional
+
+``neg_q[i]`` is the query that ``neg[i]`` is relevant to. Validation streams every line once (a
+line longer than ``max_line_bytes`` is never held whole) and reports ``file:line: field: reason``.
+Under ``on_bad_record: error`` it stops with the first 20 problems and the total; under ``skip`` it
+writes each rejected line with its reason to a rejects file and reports the counts.
+
+Command line: ``python -m clp_ray.data FILE_OR_DIR ... [--lam 0.1] [--group-size 8]`` prints the
+report; exit 0 only when every record is good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import random
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from clp_ray.atomic import atomic_path
+from clp_ray.config import resolve_path
+from clp_ray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.reason}"
+
+
+@dataclass
+class ValidationReport:
+    files: list[str]
+    records: int = 0  # non-blank lines seen
+    good: int = 0
+    blank_lines: int = 0
+    problems: list[Problem] = field(default_factory=list)  # one per bad record (its first problem)
+    content_hash: str = ""
+    rejects_path: Optional[str] = None
+
+    @property
+    def bad(self) -> int:
+        return len(self.problems)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(f"{p.field}: {p.reason.split(' (')[0]}" for p in self.problems).most_common())
+
+    def text(self, limit: Optional[int] = MAX_LISTED) -> str:
+        shown = self.problems if limit is None else self.problems[:limit]
+        lines = [str(p) for p in shown]
+        if limit is not None and self.bad > limit:
+            lines.append(f"... and {self.bad - limit} more")
+        lines.append(f"{len(self.files)} file(s), {self.records} records: {self.good} good, {self.bad} bad"
+                     + (f", {self.blank_lines} blank lines ignored" if self.blank_lines else ""))
+        lines.extend(f"  {n:>6}  {what}" for what, n in self.counts().items())
+        if self.rejects_path:
+            lines.append(f"rejected lines written to {self.rejects_path}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"files": self.files, "records": self.records, "good": self.good, "bad": self.bad,
+                "problem_counts": self.counts(), "content_hash": self.content_hash, "rejects_path": self.rejects_path}
+
+
+# --------------------------------------------------------------------------------------------
+# Files.
+
+
+def expand_paths(paths: Sequence[str]) -> list[str]:
+    """Files named directly, plus every ``*.jsonl`` under a named folder (sorted); local or fsspec."""
+    import fsspec
+
+    if not paths:
+        raise DataError("no training data given (data.train_paths is empty)")
+    out: list[str] = []
+    for raw in paths:
+        path = resolve_path(raw)
+        try:
+            fs, p = fsspec.core.url_to_fs(path)
+            if fs.isdir(p):
+                found = sorted(f for f in fs.find(p) if f.endswith(".jsonl"))
+                if not found:
+                    raise DataError(f"{raw}: folder has no *.jsonl files")
+                out.extend(fs.unstrip_protocol(f) if "://" in path else f for f in found)
+            elif fs.exists(p):
+                out.append(path)
+            else:
+                raise DataError(f"{raw}: no such file or folder")
+        except DataError:
+            raise
+        except (OSError, ValueError, ImportError) as e:
+            raise DataError(f"{raw}: cannot open: {e}") from None
+    return out
+
+
+def _open(path: str):
+    import fsspec
+
+    return fsspec.open(path, "rb").open()
+
+
+def _iter_lines(f, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, raw line or None when too long, length). Never holds an over-long line."""
+    n = 0
+    while True:
+        chunk = f.readline(max_line_bytes + 1)
+        if not chunk:
+            return
+        n += 1
+        if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
+            length = len(chunk)
+            while chunk and not chunk.endswith(b"\n"):  # skip the rest of the line
+                chunk = f.readline(1 << 20)
+                length += len(chunk)
+            yield n, None, length
+        else:
+            yield n, chunk, len(chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# One record.
+
+
+def _check_str_list(rec: dict, key: str, *, required: bool, nonempty: bool) -> Optional[tuple[str, str]]:
+    if key not in rec:
+        return (key, "missing field") if required else None
+    value = rec[key]
+    if not isinstance(value, list):
+        return key, f"must be a list of strings, got {type(value).__name__}"
+    if nonempty and not value:
+        return key, "empty list"
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            return key, f"item {i} must be a string, got {type(item).__name__}"
+        if not item.strip():
+            return key, f"item {i} is an empty string"
+    return None
+
+
+def _check_scores(rec: dict, key: str, against: str) -> Optional[tuple[str, str]]:
+    if key not in rec:
+        return None
+    value = rec[key]
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return key, "must be a list of numbers"
+    if not all(math.isfinite(v) for v in value):
+        return key, "contains NaN or infinity"
+    if len(value) != len(rec.get(against, [])):
+        return key, f"length {len(value)} differs from {against} length {len(rec.get(against, []))}"
+    return None
+
+
+def check_record(rec: Any, *, lam: float, group_size: int) -> Optional[tuple[str, str]]:
+    """(field, reason) of the first problem of a parsed record, or None when it is good."""
+    if not isinstance(rec, dict):
+        return "<record>", f"must be a JSON object, got {type(rec).__name__}"
+    q = rec.get("query")
+    if "query" not in rec:
+        return "query", "missing field"
+    if not isinstance(q, str):
+        return "query", f"must be a string, got {type(q).__name__}"
+    if not q.strip():
+        return "query", "empty string"
+    for problem in (
+        _check_str_list(rec, "pos", required=True, nonempty=True),
+        _check_str_list(rec, "neg", required=True, nonempty=group_size > 1),
+        _check_str_list(rec, "neg_q", required=False, nonempty=False),
+    ):
+        if problem:
+            return problem
+    if "neg_q" in rec and len(rec["neg_q"]) != len(rec["neg"]):
+        return "neg_q", f"length {len(rec['neg_q'])} differs from neg length {len(rec['neg'])}"
+    if "neg_q" not in rec and lam > 0:
+        return "neg_q", f"missing while loss.lam = {lam} > 0 (set lam to 0 for plain contrastive data)"
+    return _check_scores(rec, "pos_scores", "pos") or _check_scores(rec, "neg_scores", "neg")
+
+
+def normalize_record(rec: dict) -> dict:
+    """The fixed Arrow schema: absent optional lists become empty lists."""
+    return {
+        "query": rec["query"],
+        "pos": rec["pos"],
+        "neg": rec["neg"],
+        "neg_q": rec.get("neg_q", []),
+        "pos_scores": [float(x) for x in rec.get("pos_scores", [])],
+        "neg_scores": [float(x) for x in rec.get("neg_scores", [])],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Files of records.
+
+
+@dataclass
+class _ScanStats:
+    records: int = 0
+    good: int = 0
+    blank: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    content_hash: str = ""
+
+
+def _scan(files: list[str], stats: _ScanStats, *, lam: float, group_size: int, max_line_bytes: int):
+    """Stream every line of every file once, yielding ``(record, None, None)`` for good records
+    and ``(None, problem, raw_line)`` for bad ones; counts and the content hash go to ``stats``."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.rsplit("/", 1)[-1].encode() + b"\0")
+        nonblank_in_file = 0
+        with _open(path) as f:
+            for lineno, raw, length in _iter_lines(f, max_line_bytes):
+                if raw is not None:
+                    digest.update(raw)
+                    if not raw.strip():
+                        stats.blank += 1
+                        continue
+                nonblank_in_file += 1
+                stats.records += 1
+                problem, rec = _parse_line(raw, length, max_line_bytes, lam=lam, group_size=group_size)
+                if problem:
+                    p = Problem(path, lineno, *problem)
+                    stats.problems.append(p)
+                    yield None, p, raw
+                else:
+                    stats.good += 1
+                    yield rec, None, None
+        if nonblank_in_file == 0:
+            p = Problem(path, 0, "<file>", "empty file (no records)")
+            stats.problems.append(p)
+            yield None, p, b""
+    stats.content_hash = digest.hexdigest()[:16]
+
+
+def _parse_line(raw: Optional[bytes], length: int, max_line_bytes: int, *, lam: float, group_size: int):
+    if raw is None:
+        return ("<line>", f"line is {length} bytes, longer than data.max_line_bytes = {max_line_bytes}"), None
+    try:
+        text = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        return ("<line>", f"invalid UTF-8 at byte {e.start}"), None
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        return ("<line>", f"malformed JSON: {e.msg} (column {e.colno})"), None
+    problem = check_record(rec, lam=lam, group_size=group_size)
+    return problem, (None if problem else rec)
+
+
+def validate(
+    paths: Sequence[str],
+    *,
+    lam: float = 0.0,
+    group_size: int = 2,
+    max_line_bytes: int = 1_000_000,
+    on_bad_record: str = "error",
+    rejects_path: Optional[str | Path] = None,
+) -> ValidationReport:
+    """Validate CLP JSONL files; raise :class:`DataError` under ``error`` when any record is bad.
+
+    Under ``skip`` every rejected line is written (atomically) to ``rejects_path`` as JSONL
+    ``{"file", "line", "field", "reason", "raw"}``.
+    """
+    if on_bad_record not in ("error", "skip"):
+        raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    files = expand_paths(list(paths))
+    stats = _ScanStats()
+    events = _scan(files, stats, lam=lam, group_size=group_size, max_line_bytes=max_line_bytes)
+    report = ValidationReport(files=files)
+    if on_bad_record == "skip" and rejects_path is not None:
+        with atomic_path(rejects_path) as tmp, open(tmp, "w", encoding="utf-8") as sink:
+            for _, p, raw in events:
+                if p is not None:
+                    sink.write(json.dumps({"file": p.file, "line": p.line, "field": p.field, "reason": p.reason,
+                                           "raw": (raw or b"").decode("utf-8", errors="replace").rstrip("\n")},
+                                          ensure_ascii=False) + "\n")
+        report.rejects_path = str(rejects_path)
+    else:
+        for _ in events:
+            pass
+    report.records, report.good, report.blank_lines = stats.records, stats.good, stats.blank
+    report.problems, report.content_hash = stats.problems, stats.content_hash
+    if on_bad_record == "error" and report.bad:
+        raise DataError(f"{report.bad} bad record(s) in the training data (data.on_bad_record = error):\n"
+                        + report.text())
+    if report.good == 0:
+        raise DataError("no usable training records:\n" + report.text())
+    if report.bad:
+        log.warning("skipped %d bad record(s); see %s", report.bad, report.rejects_path or "the report")
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Loading through Hugging Face datasets.
+
+
+def _good_records(files: list[str], lam: float, group_size: int, max_line_bytes: int, content_hash: str):
+    # content_hash is unused here but part of the arguments, so datasets' cache key changes with
+    # the data's bytes and never serves a stale Arrow file.
+    for rec, _, _ in _scan(files, _ScanStats(), lam=lam, group_size=group_size, max_line_bytes=max_line_bytes):
+        if rec is not None:
+            yield normalize_record(rec)
+
+
+def _features():
+    from datasets import Features, Sequence, Value
+
+    return Features({
+        "query": Value("string"), "pos": Sequence(Value("string")), "neg": Sequence(Value("string")),
+        "neg_q": Sequence(Value("string")), "pos_scores": Sequence(Value("float32")),
+        "neg_scores": Sequence(Value("float32")),
+    })
+
+
+def load_records(report: ValidationReport, *, lam: float, group_size: int, max_line_bytes: int, cache_dir: Optional[str] = None):
+    """The good records of a validated report as a memory-mapped ``datasets.Dataset`` (cached by
+    the data's content hash)."""
+    from datasets import Dataset
+
+    return Dataset.from_generator(
+        _good_records,
+        gen_kwargs={"files": report.files, "lam": lam, "group_size": group_size, "max_line_bytes": max_line_bytes,
+                    "content_hash": report.content_hash},
+        features=_features(),
+        cache_dir=cache_dir,
+    )
+
+
+def split_train_dev(ds, fraction: float, seed: int):
+    """Carve a dev split from the training queries: a record goes to dev when a seeded hash of its
+    query text falls under ``fraction``, so the split is deterministic and query-disjoint."""
+    if fraction <= 0:
+        return ds, ds.select([])
+
+    def is_dev(query: str) -> bool:
+        h = int(hashlib.sha256(f"{seed}\0{query}".encode()).hexdigest()[:12], 16)
+        return h / float(1 << 48) < fraction
+
+    flags = [is_dev(q) for q in ds["query"]]
+    dev_idx = [i for i, f in enumerate(flags) if f]
+    train_idx = [i for i, f in enumerate(flags) if not f]
+    if not train_idx or not dev_idx:
+        raise DataError(f"data.dev_fraction = {fraction} leaves an empty {'train' if not train_idx else 'dev'} split "
+                        f"({len(ds)} records)")
+    return ds.select(train_idx), ds.select(dev_idx)
+
+
+def dev_retrieval_set(dev_ds):
+    """A retrieval set from held-out CLP records: their queries, and a corpus of all their
+    positives and negatives (the positives are the relevant documents)."""
+    from clp_ray.evaluation import RetrievalSet
+
+    corpus: dict[str, str] = {}
+    ids: dict[str, str] = {}
+
+    def doc_id(text: str) -> str:
+        if text not in ids:
+            ids[text] = f"d{len(ids)}"
+            corpus[ids[text]] = text
+        return ids[text]
+
+    queries: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    for i, rec in enumerate(dev_ds):
+        qid = f"q{i}"
+        queries[qid] = rec["query"]
+        qrels[qid] = {doc_id(t): 1 for t in rec["pos"]}
+        for t in rec["neg"]:
+            doc_id(t)
+    return RetrievalSet(corpus=corpus, queries=queries, qrels=qrels, name="dev")
+
+
+# --------------------------------------------------------------------------------------------
+# Groups, shards, batches.
+
+
+@dataclass
+class Group:
+    query: str
+    passages: list[str]  # positive first, then group_size - 1 negatives
+    neg_queries: list[str]  # aligned with passages[1:]
+
+
+def sample_group(rec: dict, group_size: int, *, seed: int, epoch: int, index: int) -> Group:
+    """One positive and ``group_size - 1`` negatives (with their own ``neg_q``), sampled without
+    replacement when there are enough negatives, with replacement otherwise. Deterministic in
+    (seed, epoch, index)."""
+    rng = random.Random(f"{seed}/{epoch}/{index}")
+    pos = rec["pos"][rng.randrange(len(rec["pos"]))]
+    k = group_size - 1
+    negs = rec["neg"]
+    if k == 0:
+        picks: list[int] = []
+    elif len(negs) >= k:
+        picks = rng.sample(range(len(negs)), k)
+    else:
+        picks = [rng.randrange(len(negs)) for _ in range(k)]
+    neg_q = rec.get("neg_q") or []
+    return Group(rec["query"], [pos] + [negs[j] for j in picks], [neg_q[j] for j in picks] if neg_q else [])
+
+
+def shard_indices(n: int, *, rank: int, world: int, seed: int, epoch: int) -> list[int]:
+    """This rank's share of a seeded per-epoch permutation: every example lands on exactly one rank."""
+    perm = list(range(n))
+    random.Random(f"{seed}/shuffle/{epoch}").shuffle(perm)
+    return perm[rank::world]
+
+
+def steps_per_epoch(n: int, world: int, batch_size: int) -> int:
+    """Batches each rank runs per epoch; equal on all ranks (the longest shard, rounded up)."""
+    return math.ceil(math.ceil(n / world) / batch_size)
+
+
+def rank_batches(n: int, *, rank: int, world: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Index batches for one rank and epoch. All ranks get the same number of full batches (needed
+    for cross-device negatives and lock-step optimizer steps): a shorter shard's last batch wraps
+    around to the start of that shard, so examples repeat only there."""
+    idx = shard_indices(n, rank=rank, world=world, seed=seed, epoch=epoch)
+    steps = steps_per_epoch(n, world, batch_size)
+    need = steps * batch_size
+    if not idx:
+        raise DataError(f"{n} training records cannot feed {world} workers")
+    padded = (idx * (need // len(idx) + 1))[:need]
+    return [padded[i : i + batch_size] for i in range(0, need, batch_size)]
+
+
+class Collator:
+    """Tokenizes a list of groups into query, passage and negative-query batches."""
+
+    def __init__(self, tokenizer, query_max_len: int, passage_max_len: int):
+        self.tokenizer = tokenizer
+        self.query_max_len = query_max_len
+        self.passage_max_len = passage_max_len
+
+    def _tok(self, texts: list[str], max_len: int) -> dict:
+        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_len,
+                                   return_tensors="pt", return_token_type_ids=False))
+
+    def __call__(self, groups: list[Group]) -> dict[str, Any]:
+        batch = {
+            "query": self._tok([g.query for g in groups], self.query_max_len),
+            "passage": self._tok([p for g in groups for p in g.passages], self.passage_max_len),
+            "group_size": len(groups[0].passages),
+        }
+        neg_q = [q for g in groups for q in g.neg_queries]
+        batch["neg_query"] = self._tok(neg_q, self.query_max_len) if neg_q else None
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m clp_ray.data", description="Validate CLP training JSONL files.")
+    ap.add_argument("paths", nargs="+", help="JSONL files or folders (local or fsspec URLs)")
+    ap.add_argument("--lam", type=float, default=0.0, help="loss.lam of the training run (> 0 requires neg_q)")
+    ap.add_argument("--group-size", type=int, default=2, help="data.train_group_size (> 1 requires negatives)")
+    ap.add_argument("--max-line-bytes", type=int, default=1_000_000)
+    ap.add_argument("--all", action="store_true", help="list every problem, not only the first 20")
+    args = ap.parse_args(argv)
+    try:
+        report = validate(args.paths, lam=args.lam, group_size=args.group_size,
+                          max_line_bytes=args.max_line_bytes, on_bad_record="skip")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.text(limit=None if args.all else MAX_LISTED))
+    print(f"content hash: {report.content_hash}")
+    return 0 if report.bad == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

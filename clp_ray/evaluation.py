@@ -1,0 +1,273 @@
+"""Retrieval evaluation: encode, exact top-k search over the full corpus, IR metrics.
+
+Metrics come from ``ir_measures`` (pytrec_eval underneath), never from hand-written formulas:
+nDCG@10, nDCG@5 (the CLP paper's metric), Recall@100 and MRR@10, with per-query scores kept for
+paired significance tests (:func:`compare`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from clp_ray.atomic import atomic_path
+from clp_ray.config import resolve_path
+from clp_ray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Our metric names -> ir_measures measures.
+METRICS = {"ndcg@10": "nDCG@10", "ndcg@5": "nDCG@5", "recall@100": "R@100", "mrr@10": "RR@10"}
+
+
+@dataclass
+class RetrievalSet:
+    corpus: dict[str, str]  # doc id -> text (title and text joined)
+    queries: dict[str, str]  # query id -> text (only queries that have qrels)
+    qrels: dict[str, dict[str, int]]  # query id -> doc id -> relevance
+    name: str = ""
+
+    def content_hash(self) -> str:
+        """Identifies the evaluation set (corpus, queries and judgements) for lineage and for
+        comparing models only on the same set."""
+        h = hashlib.sha256()
+        for part in (self.corpus, self.queries, self.qrels):
+            h.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    per_query: dict[str, dict[str, float]]  # metric -> query id -> score
+    run: dict[str, dict[str, float]] = field(repr=False, default_factory=dict)  # qid -> docid -> score
+    num_queries: int = 0
+    num_docs: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _read_jsonl(path: Path, what: str) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON: {e.msg}") from None
+            if not isinstance(row, dict) or "_id" not in row:
+                raise DataError(f"{path}:{n}: _id: missing field")
+            rows.append(row)
+    return rows
+
+
+def load_beir(data_dir: str | os.PathLike, split: str = "test") -> RetrievalSet:
+    """Load a BEIR-layout folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``.
+
+    Only queries with judgements in the split are kept. Qrels naming unknown query or document
+    ids are an error (with counts), as is an empty query set.
+    """
+    spec = str(data_dir)
+    if spec.startswith("miracl://"):
+        return load_miracl(spec.removeprefix("miracl://"), split)
+    root = Path(resolve_path(spec))
+    if not root.is_dir():
+        raise DataError(f"{root}: evaluation data folder not found")
+    corpus = {str(r["_id"]): " ".join(t for t in (r.get("title") or "", r.get("text") or "") if t).strip()
+              for r in _read_jsonl(root / "corpus.jsonl", "corpus")}
+    all_queries = {str(r["_id"]): r.get("text") or "" for r in _read_jsonl(root / "queries.jsonl", "queries")}
+    qrels_file = root / "qrels" / f"{split}.tsv"
+    if not qrels_file.is_file():
+        known = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
+        raise DataError(f"{qrels_file}: qrels for split {split!r} not found (available: {', '.join(known) or 'none'})")
+    qrels: dict[str, dict[str, int]] = {}
+    unknown_q: set[str] = set()
+    unknown_d: set[str] = set()
+    bad_rows = 0
+    with open(qrels_file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if n == 1 and parts[0] in ("query-id", "qid"):
+                continue
+            if not line.strip():
+                continue
+            if len(parts) == 4:  # TREC qrels: qid iter docid rel
+                parts = [parts[0], parts[2], parts[3]]
+            if len(parts) != 3:
+                bad_rows += 1
+                continue
+            qid, did, rel = parts
+            try:
+                score = int(float(rel))
+            except ValueError:
+                bad_rows += 1
+                continue
+            if qid not in all_queries:
+                unknown_q.add(qid)
+            elif did not in corpus:
+                unknown_d.add(did)
+            else:
+                qrels.setdefault(qid, {})[did] = score
+    problems = []
+    if bad_rows:
+        problems.append(f"{bad_rows} malformed row(s) (expected query-id<TAB>corpus-id<TAB>score)")
+    if unknown_q:
+        problems.append(f"{len(unknown_q)} unknown query id(s), e.g. {sorted(unknown_q)[:3]}")
+    if unknown_d:
+        problems.append(f"{len(unknown_d)} unknown corpus id(s), e.g. {sorted(unknown_d)[:3]}")
+    if problems:
+        raise DataError(f"{qrels_file}: " + "; ".join(problems))
+    queries = {q: all_queries[q] for q in sorted(qrels)}
+    if not queries:
+        raise DataError(f"{qrels_file}: no queries to evaluate (empty qrels)")
+    if not corpus:
+        raise DataError(f"{root / 'corpus.jsonl'}: empty corpus")
+    return RetrievalSet(corpus=corpus, queries=queries, qrels=qrels, name=f"{root.name}/{split}")
+
+
+def load_miracl(lang: str, split: str = "dev") -> RetrievalSet:
+    """MIRACL through Hugging Face ``datasets`` (``miracl/miracl`` topics + qrels and
+    ``miracl/miracl-corpus``). Needs the hub; fails with a clear message when it is unreachable."""
+    try:
+        from datasets import load_dataset
+
+        topics = load_dataset("miracl/miracl", lang, split=split, trust_remote_code=True)
+        corpus_ds = load_dataset("miracl/miracl-corpus", lang, split="train", trust_remote_code=True)
+    except Exception as e:  # network, auth or missing-config errors all mean "cannot load"
+        raise DataError(f"cannot load MIRACL {lang!r} split {split!r} from the Hugging Face hub: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    corpus = {r["docid"]: f"{r['title']} {r['text']}".strip() for r in corpus_ds}
+    queries, qrels = {}, {}
+    for r in topics:
+        qid = str(r["query_id"])
+        queries[qid] = r["query"]
+        qrels[qid] = {p["docid"]: 1 for p in r["positive_passages"]}
+        qrels[qid].update({p["docid"]: 0 for p in r["negative_passages"]})
+    return RetrievalSet(corpus=corpus, queries=queries, qrels=qrels, name=f"miracl-{lang}/{split}")
+
+
+# --------------------------------------------------------------------------------------------
+# Search and metrics.
+
+
+def exact_search(
+    queries: torch.Tensor, corpus: torch.Tensor, k: int, *, chunk_size: int = 4096, query_chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k inner-product search over the full corpus, in blocks.
+
+    Memory is bounded by ``query_chunk x (chunk_size + k)`` scores whatever the corpus size.
+    Returns (scores [Q, k'], indices [Q, k']) with k' = min(k, N), sorted by descending score.
+    """
+    n = corpus.shape[0]
+    k = min(k, n)
+    all_scores, all_idx = [], []
+    for qs in range(0, queries.shape[0], query_chunk):
+        q = queries[qs : qs + query_chunk]
+        best_s = torch.full((q.shape[0], 0), -math.inf, dtype=torch.float32)
+        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long)
+        for cs in range(0, n, chunk_size):
+            s = (q @ corpus[cs : cs + chunk_size].T).float()
+            cand_s = torch.cat([best_s, s], dim=1)
+            cand_i = torch.cat([best_i, torch.arange(cs, cs + s.shape[1]).expand(q.shape[0], -1)], dim=1)
+            top = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+            best_s, best_i = top.values, cand_i.gather(1, top.indices)
+        all_scores.append(best_s)
+        all_idx.append(best_i)
+    return torch.cat(all_scores), torch.cat(all_idx)
+
+
+def score_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Mean and per-query metrics of a run through ir_measures. Queries missing from the run
+    score 0 (ir_measures would silently skip them)."""
+    import ir_measures
+
+    measures = {name: ir_measures.parse_measure(m) for name, m in METRICS.items()}
+    by_measure = {m: name for name, m in measures.items()}
+    per_query: dict[str, dict[str, float]] = {name: {q: 0.0 for q in qrels} for name in METRICS}
+    for row in ir_measures.iter_calc(list(measures.values()), qrels, run):
+        per_query[by_measure[row.measure]][row.query_id] = float(row.value)
+    means = {name: (sum(v.values()) / len(v) if v else 0.0) for name, v in per_query.items()}
+    return means, per_query
+
+
+def write_trec_run(path: str | os.PathLike, run: dict[str, dict[str, float]], tag: str = "clp-ray") -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for qid in sorted(run):
+            ranked = sorted(run[qid].items(), key=lambda kv: (-kv[1], kv[0]))
+            for rank, (did, score) in enumerate(ranked, 1):
+                f.write(f"{qid} Q0 {did} {rank} {score:.6f} {tag}\n")
+    return Path(path)
+
+
+def evaluate(
+    embedder,
+    data: RetrievalSet,
+    *,
+    batch_size: int = 64,
+    chunk_size: int = 4096,
+    top_k: int = 100,
+    run_file: Optional[str | os.PathLike] = None,
+    show_progress: bool = False,
+) -> EvalResult:
+    """Encode ``data``'s corpus and queries with ``embedder``, search the full corpus exactly and
+    score with ir_measures. The training loop calls this for its periodic dev metric."""
+    doc_ids = list(data.corpus)
+    qids = list(data.queries)
+    if not qids:
+        raise DataError(f"{data.name}: no queries to evaluate")
+    d = embedder.encode([data.corpus[i] for i in doc_ids], batch_size=batch_size,
+                        max_length=embedder.passage_max_len, show_progress=show_progress, desc="encode corpus")
+    q = embedder.encode([data.queries[i] for i in qids], batch_size=batch_size,
+                        max_length=embedder.query_max_len, show_progress=show_progress, desc="encode queries")
+    scores, idx = exact_search(q, d, top_k, chunk_size=chunk_size)
+    run = {qid: {doc_ids[j]: float(s) for s, j in zip(srow.tolist(), irow.tolist())}
+           for qid, srow, irow in zip(qids, scores, idx)}
+    means, per_query = score_run(data.qrels, run)
+    if run_file:
+        write_trec_run(run_file, run)
+    return EvalResult(means, per_query, run, num_queries=len(qids), num_docs=len(doc_ids))
+
+
+@dataclass
+class Comparison:
+    metric: str
+    mean_a: float
+    mean_b: float
+    diff: float
+    p_value: float
+    num_queries: int
+
+
+def compare(a: EvalResult, b: EvalResult, metric: str = "ndcg@10") -> Comparison:
+    """Two-sided paired t-test (scipy) on per-query scores of the same queries."""
+    from scipy import stats
+
+    qa, qb = a.per_query[metric], b.per_query[metric]
+    if set(qa) != set(qb):
+        raise DataError("the two evaluations do not cover the same queries")
+    qids = sorted(qa)
+    xa, xb = [qa[q] for q in qids], [qb[q] for q in qids]
+    ma, mb = sum(xa) / len(xa), sum(xb) / len(xb)
+    if all(x == y for x, y in zip(xa, xb)):
+        p = 1.0
+    else:
+        p = float(stats.ttest_rel(xa, xb).pvalue)
+    return Comparison(metric, ma, mb, mb - ma, p, len(qids))
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())

@@ -1,0 +1,418 @@
+"""Mixture-of-experts upcycling of a BERT-family encoder's feed-forward Linear.
+
+``upcycle(encoder, layers=[i, ...], site="intermediate", num_experts=E, top_k=k)`` replaces
+``layer[i].<site>.dense`` by a :class:`MoEFeedForward` whose ``E`` experts are copies of that Linear
+and whose ``router`` (``hidden -> E``) is new. Sizes are read from the Linear itself.
+
+Routing (per token ``x``): ``p = softmax(router(x))`` in fp32, pick the top-k experts, then
+
+- top-1, ``straight_through`` (default): ``y = E_i(x) * p_i / stopgrad(p_i)``. The forward value is
+  exactly ``E_i(x)``, so at init the upcycled encoder equals the dense one, yet ``dL/dp_i`` is
+  non-zero and the router trains. (Renormalising a single selected gate gives 1.0 and no gradient:
+  the CLP research code's router never trained.)
+- top-1, ``switch``: ``y = p_i * E_i(x)`` (Switch Transformer); trains the router but scales the
+  output by ``p_i`` at init.
+- top-k > 1: ``y = sum_j w_j E_j(x)`` with the selected probabilities renormalised to sum to 1,
+  which also reduces to the dense output at init (all experts are equal copies).
+
+Auxiliary losses (Switch Transformer, Fedus et al. 2021; ST-MoE z-loss, Zoph et al. 2022), computed
+over non-padding tokens only:
+
+- load balancing ``E * sum_i f_i * P_i`` where ``f_i`` is the fraction of routed (token, slot)
+  assignments that went to expert ``i`` and ``P_i`` the mean router probability of expert ``i``;
+  it is 1.0 for perfectly uniform routing.
+- router z-loss ``mean(logsumexp(logits)^2)``.
+
+Every forward stores them on the layer; :func:`router_loss` collects ``balance_coef * balance +
+z_coef * z`` from all MoE layers of a model and :func:`router_stats` the per-expert token fractions
+and router entropy for logging. Padding is excluded by wrapping the encoder call in
+``with token_mask(model, attention_mask):``.
+
+Example::
+
+    >>> enc = transformers.AutoModel.from_pretrained("BAAI/bge-m3")
+    >>> upcycle(enc, layers=[23], num_experts=4, top_k=1)
+    >>> out = enc(**batch); loss = task_loss + router_loss(enc)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Site = Literal["intermediate", "output"]
+TrainOnly = Literal["moe", "ffn", "all"]
+
+
+@dataclass
+class MoESpec:
+    """Everything needed to rebuild the MoE structure of a model (saved with it)."""
+
+    layers: list[int]
+    site: Site = "intermediate"
+    num_experts: int = 2
+    top_k: int = 1
+    balance_coef: float = 0.01
+    z_coef: float = 0.001
+    jitter: float = 0.0
+    top1_gate: Literal["straight_through", "switch"] = "straight_through"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RouterAux:
+    """What one MoE forward leaves behind for the training loss and for logging."""
+
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    expert_fraction: torch.Tensor  # [E], detached
+    entropy: torch.Tensor  # scalar, detached: mean per-token entropy of the router distribution
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class MoEFeedForward(nn.Module):
+    """Drop-in replacement for an ``nn.Linear`` with ``num_experts`` routed copies of it."""
+
+    def __init__(
+        self,
+        dense: nn.Linear,
+        num_experts: int,
+        top_k: int = 1,
+        *,
+        balance_coef: float = 0.01,
+        z_coef: float = 0.001,
+        jitter: float = 0.0,
+        top1_gate: Literal["straight_through", "switch"] = "straight_through",
+    ):
+        super().__init__()
+        if not isinstance(dense, nn.Linear):
+            raise TypeError(f"can only upcycle nn.Linear, got {type(dense).__name__}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.in_features = dense.in_features
+        self.out_features = dense.out_features
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.balance_coef = balance_coef
+        self.z_coef = z_coef
+        self.jitter = jitter
+        self.top1_gate = top1_gate
+        # The router is kept and computed in fp32: small logit differences decide the routing.
+        self.router = nn.Linear(self.in_features, num_experts, bias=False, device=dense.weight.device, dtype=torch.float32)
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.experts = nn.ModuleList(copy.deepcopy(dense) for _ in range(num_experts))
+        self.aux: Optional[RouterAux] = None
+        self._token_mask: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}"
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits, probabilities, chosen experts ``[N, k]`` and their gates ``[N, k]``."""
+        h32 = h.float()
+        if self.training and self.jitter > 0:
+            h32 = h32 * torch.empty_like(h32).uniform_(1 - self.jitter, 1 + self.jitter)
+        logits = F.linear(h32, self.router.weight.float())
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        if self.top_k > 1:
+            gates = top_p / top_p.sum(dim=-1, keepdim=True)
+        elif self.top1_gate == "straight_through":
+            gates = top_p / top_p.detach()
+        else:
+            gates = top_p
+        return logits, probs, top_i, gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        h = x.reshape(-1, self.in_features)
+        logits, probs, top_i, gates = self.route(h)
+        st = self.top_k == 1 and self.top1_gate == "straight_through"
+        top1_probs = probs.gather(1, top_i).squeeze(1) if st else None
+        out = dispatch(h, top_i, gates.to(h.dtype), self.experts, self.out_features, top1_probs=top1_probs)
+        self.aux = self._aux(logits, probs, top_i, lead)
+        return out.reshape(*lead, self.out_features)
+
+    def _aux(self, logits: torch.Tensor, probs: torch.Tensor, top_i: torch.Tensor, lead: torch.Size) -> RouterAux:
+        mask = self._token_mask
+        if mask is not None and tuple(mask.shape) == tuple(lead):
+            keep = mask.reshape(-1).bool()
+            logits, probs, top_i = logits[keep], probs[keep], top_i[keep]
+        n = probs.shape[0]
+        if n == 0:
+            zero = probs.sum() * 0
+            return RouterAux(zero, zero, torch.zeros(self.num_experts), torch.zeros(()), 0)
+        counts = torch.bincount(top_i.reshape(-1), minlength=self.num_experts).float()
+        frac = counts / counts.sum()
+        mean_p = probs.mean(dim=0)
+        balance = self.num_experts * (frac * mean_p).sum()
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
+        return RouterAux(balance, z, frac.detach(), entropy.detach(), n)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation; the backward is a scatter into an uninitialised buffer
+    (no zero fill + scatter-add as for a general gather)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (perm,) = ctx.saved_tensors
+        return torch.empty_like(grad).index_copy_(0, perm, grad), None
+
+
+class _Top1StraightThroughCombine(torch.autograd.Function):
+    """Scatter sorted expert outputs back to token order, gated by ``p / stopgrad(p)``.
+
+    Forward: ``out[order[j]] = ys_sorted[j]`` (the gate is exactly 1). Backward: the expert outputs
+    get ``grad[order]`` and the router probability ``p_t`` gets ``<grad_t, y_t> / p_t`` -- the
+    gradient of ``y_t * p_t / stopgrad(p_t)``. One function instead of cat + gate multiply + gather
+    saves three passes over the [tokens, out_features] activations, which on a CPU cost more than
+    the routing itself; the backward gathers the gradient in cache-sized row blocks and takes the
+    router dot products while each block is still in cache.
+    """
+
+    BLOCK = 64  # rows per block: 64 x 4096 fp32 = 1 MiB
+
+    @staticmethod
+    def forward(ctx, order: torch.Tensor, p: torch.Tensor, *ys: torch.Tensor) -> torch.Tensor:
+        out = ys[0].new_empty(order.shape[0], ys[0].shape[1])
+        start = 0
+        for y in ys:
+            out.index_copy_(0, order[start : start + y.shape[0]], y)
+            start += y.shape[0]
+        ctx.save_for_backward(order, p, *ys)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        order, p, *ys = ctx.saved_tensors
+        grad = grad.contiguous()
+        want_p = ctx.needs_input_grad[1]
+        grad_sorted = grad.new_empty(grad.shape)
+        dots = torch.empty(order.shape[0], dtype=grad.dtype, device=grad.device) if want_p else None
+        start = 0
+        for y in ys:
+            for r in range(0, y.shape[0], _Top1StraightThroughCombine.BLOCK):
+                lo, hi = start + r, start + min(r + _Top1StraightThroughCombine.BLOCK, y.shape[0])
+                block = grad_sorted[lo:hi]
+                torch.index_select(grad, 0, order[lo:hi], out=block)
+                if want_p:
+                    dots[lo:hi] = torch.linalg.vecdot(block, y[r : r + hi - lo])
+            start += y.shape[0]
+        grad_p = None
+        if want_p:
+            grad_p = torch.empty_like(p)
+            grad_p[order] = dots.to(p.dtype)
+            grad_p = grad_p / p.detach()
+        return (None, grad_p, *grad_sorted.split([y.shape[0] for y in ys]))
+
+
+def dispatch(
+    h: torch.Tensor,
+    top_i: torch.Tensor,
+    gates: torch.Tensor,
+    experts: nn.ModuleList,
+    out_features: int,
+    *,
+    top1_probs: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Vectorised dispatch: sort the (token, slot) pairs by expert, run each expert once on its
+    contiguous slice, weight by the gate and scatter back. No loop over tokens.
+
+    ``top1_probs`` (top-1 straight-through only): the chosen experts' probabilities; the gate is then
+    applied inside the scatter (forward value exactly ``E_i(x)``), see ``_Top1StraightThroughCombine``.
+    """
+    n, k = top_i.shape
+    flat_e = top_i.reshape(-1)
+    order = torch.argsort(flat_e, stable=True)
+    counts = torch.bincount(flat_e, minlength=len(experts)).tolist()
+    if k == 1:
+        xs = _PermuteRows.apply(h, order)
+        ys = [experts[e](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e]]
+        if top1_probs is not None:
+            return _Top1StraightThroughCombine.apply(order, top1_probs, *ys)
+        ys_sorted = torch.cat(ys) * gates.reshape(-1)[order].unsqueeze(-1)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n, device=order.device)
+        return _PermuteRows.apply(ys_sorted, inverse)
+    token_of = order // k  # which token each sorted slot came from
+    xs = h.index_select(0, token_of)
+    ys = torch.cat([experts[e](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e]])
+    ys = ys * gates.reshape(-1)[order].unsqueeze(-1)
+    return torch.zeros(n, out_features, dtype=ys.dtype, device=ys.device).index_add_(0, token_of, ys)
+
+
+def dispatch_naive(
+    h: torch.Tensor, top_i: torch.Tensor, gates: torch.Tensor, experts: nn.ModuleList, out_features: int
+) -> torch.Tensor:
+    """Reference implementation: every expert on every token, masked. For parity tests and benchmarks."""
+    out = torch.zeros(h.shape[0], out_features, dtype=h.dtype, device=h.device)
+    for e, expert in enumerate(experts):
+        weight = (gates * (top_i == e)).sum(-1, keepdim=True)
+        out = out + weight * expert(h)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Model surgery.
+
+
+def find_encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer layers: every entry has ``intermediate.dense`` and
+    ``output.dense`` (BERT, RoBERTa, XLM-R, MiniLM, ...)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+            hasattr(m, "intermediate") and hasattr(m, "output") and hasattr(m.output, "dense") for m in module
+        ):
+            return module
+    raise ValueError(
+        f"{type(model).__name__} has no BERT-family encoder layers (a ModuleList whose layers have "
+        "intermediate.dense and output.dense)"
+    )
+
+
+def normalize_layer_indices(layers: list[int], num_layers: int) -> list[int]:
+    out = []
+    for i in layers:
+        j = i + num_layers if i < 0 else i
+        if not 0 <= j < num_layers:
+            raise ValueError(f"MoE layer index {i} is out of range for an encoder with {num_layers} layers "
+                             f"(valid: 0..{num_layers - 1} or -{num_layers}..-1)")
+        out.append(j)
+    if len(set(out)) != len(out):
+        raise ValueError(f"MoE layer indices {layers} name the same layer twice")
+    return sorted(out)
+
+
+def upcycle(
+    model: nn.Module,
+    layers: list[int],
+    site: Site = "intermediate",
+    num_experts: int = 2,
+    top_k: int = 1,
+    *,
+    balance_coef: float = 0.01,
+    z_coef: float = 0.001,
+    jitter: float = 0.0,
+    top1_gate: Literal["straight_through", "switch"] = "straight_through",
+) -> MoESpec:
+    """Replace ``layer[i].<site>.dense`` by a :class:`MoEFeedForward` for every ``i`` in ``layers``.
+
+    Returns the :class:`MoESpec` (with non-negative layer indices) that rebuilds this structure.
+    """
+    if site not in ("intermediate", "output"):
+        raise ValueError(f"site must be 'intermediate' or 'output', got {site!r}")
+    encoder_layers = find_encoder_layers(model)
+    idx = normalize_layer_indices(list(layers), len(encoder_layers))
+    for i in idx:
+        parent = getattr(encoder_layers[i], site)
+        if isinstance(parent.dense, MoEFeedForward):
+            raise ValueError(f"layer {i} {site}.dense is already an MoE layer")
+        parent.dense = MoEFeedForward(
+            parent.dense, num_experts, top_k,
+            balance_coef=balance_coef, z_coef=z_coef, jitter=jitter, top1_gate=top1_gate,
+        )
+    return MoESpec(idx, site, num_experts, top_k, balance_coef, z_coef, jitter, top1_gate)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoEFeedForward]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEFeedForward)]
+
+
+@contextmanager
+def token_mask(model: nn.Module, attention_mask: Optional[torch.Tensor]) -> Iterator[None]:
+    """Tell every MoE layer which tokens are real, so padding stays out of the router losses."""
+    layers = [m for _, m in moe_layers(model)]
+    for m in layers:
+        m._token_mask = attention_mask
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._token_mask = None
+
+
+def router_loss(model: nn.Module) -> torch.Tensor:
+    """Sum over MoE layers of ``balance_coef * balance + z_coef * z`` from their last forward."""
+    total: Optional[torch.Tensor] = None
+    for _, m in moe_layers(model):
+        if m.aux is None:
+            continue
+        term = m.balance_coef * m.aux.balance_loss + m.z_coef * m.aux.z_loss
+        total = term if total is None else total + term
+    if total is None:
+        p = next(model.parameters())
+        return torch.zeros((), device=p.device)
+    return total
+
+
+def router_stats(model: nn.Module) -> dict[str, float]:
+    """Per-layer token fraction per expert, router entropy and the raw aux losses, for logging."""
+    stats: dict[str, float] = {}
+    for layer_idx, (name, m) in enumerate(moe_layers(model)):
+        if m.aux is None:
+            continue
+        tag = _layer_tag(name, layer_idx)
+        for e, f in enumerate(m.aux.expert_fraction.tolist()):
+            stats[f"moe/{tag}/expert{e}_frac"] = f
+        stats[f"moe/{tag}/entropy"] = float(m.aux.entropy)
+        stats[f"moe/{tag}/balance_loss"] = float(m.aux.balance_loss.detach())
+        stats[f"moe/{tag}/z_loss"] = float(m.aux.z_loss.detach())
+    return stats
+
+
+def _layer_tag(name: str, fallback: int) -> str:
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a == "layer" and b.isdigit():
+            return f"layer{b}"
+    return f"moe{fallback}"
+
+
+# --------------------------------------------------------------------------------------------
+# Which parameters train.
+
+
+def apply_train_only(model: nn.Module, policy: TrainOnly) -> tuple[int, int]:
+    """Set ``requires_grad``: ``moe`` = experts + routers only (the paper), ``ffn`` = every layer's
+    feed-forward block (intermediate + output, MoE included), ``all`` = everything.
+
+    Returns (trainable, total) parameter counts.
+    """
+    if policy not in ("moe", "ffn", "all"):
+        raise ValueError(f"train_only must be moe, ffn or all, got {policy!r}")
+    for p in model.parameters():
+        p.requires_grad_(policy == "all")
+    if policy == "moe":
+        found = moe_layers(model)
+        if not found:
+            raise ValueError("train_only='moe' but the model has no MoE layers (is moe.enabled false?)")
+        for _, m in found:
+            m.requires_grad_(True)
+    elif policy == "ffn":
+        for layer in find_encoder_layers(model):
+            layer.intermediate.requires_grad_(True)
+            layer.output.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters to hand to the optimizer: frozen ones get no optimizer state."""
+    return [p for p in model.parameters() if p.requires_grad]

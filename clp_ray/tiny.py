@@ -1,0 +1,94 @@
+"""A tiny, seeded, XLM-R-shaped encoder with an offline-trained tokenizer.
+
+Stands in for BGE-M3 in tests and the offline ``local`` profile: nothing comes from the Hugging
+Face hub. The tokenizer is a byte-level BPE (deterministic, unlike Unigram training) trained on the
+bundled Korean help corpus; the encoder is ``XLMRobertaModel`` with random weights from a seed.
+Both are cached on disk under ``$CLP_RAY_CACHE`` (default ``~/.cache/clp-ray``) keyed by a hash of
+the settings and the training text, and built atomically so concurrent workers never see half a
+folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from clp_ray.atomic import atomic_path
+from clp_ray.config import ASSETS_DIR, TinyModelConfig
+
+log = logging.getLogger(__name__)
+
+TEXT_FILE = ASSETS_DIR / "ko_help" / "corpus.jsonl"
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R ids 0..3, mask last
+_FORMAT = 1  # bump when the build below changes
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CLP_RAY_CACHE", Path.home() / ".cache" / "clp-ray"))
+
+
+def _training_text() -> list[str]:
+    with open(TEXT_FILE, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def tiny_model_path(spec: TinyModelConfig | None = None) -> Path:
+    """Folder of the tiny model for ``spec``; built on first use, then reused."""
+    spec = spec or TinyModelConfig()
+    key = json.dumps({"spec": spec.model_dump(), "format": _FORMAT, "text": _file_digest(TEXT_FILE)}, sort_keys=True)
+    path = cache_root() / "tiny" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (path / "config.json").exists():
+        return path
+    log.info("building tiny offline encoder in %s", path)
+    try:
+        with atomic_path(path, is_dir=True) as tmp:
+            _build(spec, tmp)
+    except OSError:
+        if not (path / "config.json").exists():  # another process won the race: use its folder
+            raise
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _build(spec: TinyModelConfig, out: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_training_text(), trainer=trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=spec.max_position_embeddings - 2,
+    )
+    tokenizer.save_pretrained(out)
+
+    config = XLMRobertaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        type_vocab_size=1,
+        pad_token_id=tok.token_to_id("<pad>"),
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = XLMRobertaModel(config, add_pooling_layer=False)
+    model.save_pretrained(out)

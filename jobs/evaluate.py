@@ -1,0 +1,77 @@
+"""Score an embedding model on a BEIR-layout retrieval set (nDCG@10/@5, Recall@100, MRR@10).
+
+    python jobs/evaluate.py --model M --data DIR [--split test] [--run-file FILE] [--summary FILE]
+    python jobs/evaluate.py --compare A B --data DIR        # paired t-test on per-query nDCG@10
+
+M: a hub id, a local folder (MoE folders from training included), ``tiny``, or ``models:/<name>@<alias>``.
+Without --model/--data the config's model and eval.data_dir are used (--lang/--profile/--set).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clp_ray.cli import config_from_args, experiment_parser, run_job  # noqa: E402
+
+log = logging.getLogger("clp_ray.evaluate")
+
+
+def main(args) -> dict:
+    from clp_ray.errors import ClpRayError
+    from clp_ray.evaluation import compare, evaluate, format_metrics, load_beir
+    from clp_ray.modeling import load_model_ref
+
+    cfg = config_from_args(args)
+    data_dir = args.data or cfg.eval.data_dir
+    if not data_dir:
+        raise ClpRayError("no evaluation data: pass --data DIR or set eval.data_dir")
+    split = args.split or cfg.eval.test_split
+    data = load_beir(data_dir, split)
+    log.info("evaluation set %s: %d queries, %d documents (hash %s)", data.name, len(data.queries), len(data.corpus),
+             data.content_hash())
+    models = args.compare or [args.model or cfg.model.name_or_path]
+    results = {}
+    for ref in models:
+        if ref in results:
+            raise ClpRayError(f"--compare needs two different models, got {ref!r} twice")
+        embedder = load_model_ref(ref, cfg.model)
+        run_file = args.run_file if len(models) == 1 else None
+        results[ref] = evaluate(embedder, data, batch_size=cfg.eval.batch_size, chunk_size=cfg.eval.chunk_size,
+                                top_k=cfg.eval.top_k, run_file=run_file, show_progress=True)
+    width = max(len(m) for m in models)
+    print(f"\n{'model':<{width}}  " + "  ".join(f"{k:>10}" for k in next(iter(results.values())).metrics))
+    for ref, res in results.items():
+        print(f"{ref:<{width}}  " + "  ".join(f"{v:>10.4f}" for v in res.metrics.values()))
+    summary = {"data": str(data_dir), "split": split, "eval_set_hash": data.content_hash(),
+               "num_queries": len(data.queries), "num_docs": len(data.corpus)}
+    if args.compare:
+        a, b = models
+        c = compare(results[a], results[b], "ndcg@10")
+        print(f"\nnDCG@10 over {c.num_queries} queries: A {c.mean_a:.4f}  B {c.mean_b:.4f}  "
+              f"B-A {c.diff:+.4f}  paired t-test p = {c.p_value:.4g}")
+        summary["models"] = {ref: r.metrics for ref, r in results.items()}
+        summary["comparison"] = {"metric": c.metric, "a": a, "b": b, "mean_a": c.mean_a, "mean_b": c.mean_b,
+                                 "diff": c.diff, "p_value": c.p_value}
+    else:
+        (ref, res), = results.items()
+        log.info("%s: %s", ref, format_metrics(res.metrics))
+        summary.update(model=ref, metrics=res.metrics, run_file=args.run_file)
+    return summary
+
+
+def parser():
+    ap = experiment_parser(__doc__.splitlines()[0], lang_required=False)
+    ap.add_argument("--model", help="hub id, local folder, 'tiny' or models:/<name>@<alias> (default: model.name_or_path)")
+    ap.add_argument("--data", help="BEIR-layout folder or miracl://<lang> (default: eval.data_dir)")
+    ap.add_argument("--split", help="qrels split (default: eval.test_split)")
+    ap.add_argument("--run-file", help="write the TREC run file here")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="evaluate two models and test the difference")
+    return ap
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main, parser().parse_args()))

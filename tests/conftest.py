@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    from clp_ray.tiny import tiny_model_path
+
+    return tiny_model_path()
+
+
+@pytest.fixture()
+def tiny_embedder(tiny_path):
+    from clp_ray.modeling import Embedder
+
+    return Embedder.from_pretrained(tiny_path)
+
+
+def make_encoder(kind: str, hidden: int, layers: int, intermediate: int, seed: int = 0):
+    """A random BERT or XLM-R encoder built from a config (no hub)."""
+    from transformers import AutoModel, BertConfig, XLMRobertaConfig
+
+    cls = {"bert": BertConfig, "xlmr": XLMRobertaConfig}[kind]
+    cfg = cls(vocab_size=300, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+              intermediate_size=intermediate, max_position_embeddings=64, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    return AutoModel.from_config(cfg, add_pooling_layer=False)

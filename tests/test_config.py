@@ -1,0 +1,86 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from clp_ray.config import ExperimentConfig, default_config_dir, load_config
+from clp_ray.errors import ConfigError
+
+
+@pytest.fixture()
+def cdir(tmp_path):
+    d = tmp_path / "configs"
+    shutil.copytree(default_config_dir(), d)
+    return d
+
+
+def test_repo_configs_resolve_for_every_language_and_profile():
+    for lang in ("hi", "ko", "fa"):
+        for profile in ("local", "cluster"):
+            cfg = load_config(lang, profile)
+            assert isinstance(cfg, ExperimentConfig) and cfg.lang == lang
+    local = load_config("hi", "local")
+    assert local.model.name_or_path == "tiny" and local.ray.use_gpu is False
+    assert load_config("hi", "cluster").model.name_or_path == "BAAI/bge-m3"
+
+
+def test_layers_apply_in_order(cdir):
+    (cdir / "lang" / "hi.yaml").write_text("loss:\n  temperature: 0.05\n  lam: 0.3\n")
+    (cdir / "profiles" / "p.yaml").write_text("loss:\n  temperature: 0.07\n")
+    cfg = load_config("hi", "p", ["loss.lam=0.4", "loss.lam=0.45", "moe.layers=[0, 2]"], config_dir=cdir)
+    assert cfg.loss.temperature == 0.07  # profile over lang
+    assert cfg.loss.lam == 0.45  # last --set wins
+    assert cfg.moe.layers == [0, 2]  # YAML flow value
+    assert cfg.moe.num_experts == 2  # untouched keys keep base values
+
+
+def test_unknown_key_names_file_line_and_path(cdir):
+    (cdir / "lang" / "hi.yaml").write_text("loss:\n  lam: 0.1\n  temprature: 0.05\n")
+    with pytest.raises(ConfigError) as e:
+        load_config("hi", None, config_dir=cdir)
+    assert "hi.yaml:3: loss.temprature: unknown key" in str(e.value)
+
+
+def test_wrong_type_and_out_of_range_name_source(cdir):
+    (cdir / "profiles" / "p.yaml").write_text("train:\n  epochs: many\nmoe:\n  num_experts: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config("hi", "p", config_dir=cdir)
+    msg = str(e.value)
+    assert "p.yaml:2: train.epochs: Input should be a valid integer" in msg and "'many'" in msg
+    assert "p.yaml:4: moe.num_experts: Input should be greater than or equal to 1" in msg
+
+
+def test_set_errors_name_the_override():
+    with pytest.raises(ConfigError, match=r"--set loss.temperature=-1: loss.temperature: Input should be greater than 0"):
+        load_config("hi", "local", ["loss.temperature=-1"])
+    with pytest.raises(ConfigError, match=r"--set loss.nope=1: loss.nope: unknown key"):
+        load_config("hi", "local", ["loss.nope=1"])
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config("hi", "local", ["loss.lam"])
+
+
+def test_cross_field_rule_names_section():
+    with pytest.raises(ConfigError, match=r"moe: Value error, top_k \(3\) must be <= num_experts \(2\)"):
+        load_config("hi", "local", ["moe.top_k=3"])
+
+
+def test_unknown_language_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown language 'xx'.*known languages: fa, hi, ko"):
+        load_config("xx", "local")
+    with pytest.raises(ConfigError, match=r"unknown profile 'gpu'.*known profiles: cluster, local"):
+        load_config("hi", "gpu")
+
+
+def test_invalid_yaml_names_line(cdir):
+    (cdir / "lang" / "hi.yaml").write_text("loss:\n  lam: [0.1\n")
+    with pytest.raises(ConfigError, match=r"hi.yaml:3: invalid YAML"):
+        load_config("hi", None, config_dir=cdir)
+
+
+def test_resolved_config_round_trips_and_hash_is_stable():
+    cfg = load_config("hi", "local", ["loss.lam=0.2"])
+    again = ExperimentConfig.model_validate(cfg.to_dict())
+    assert again == cfg and again.config_hash() == cfg.config_hash()
+    assert load_config("hi", "local", ["loss.lam=0.3"]).config_hash() != cfg.config_hash()
+    assert cfg.flat()["loss.lam"] == 0.2
+    assert Path(default_config_dir(), "base.yaml").exists()

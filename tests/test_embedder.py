@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clp_ray.config import ModelConfig, MoEConfig, TinyModelConfig
+from clp_ray.modeling import Embedder, load_embedder
+from clp_ray.tiny import tiny_model_path
+
+TEXTS = ["셀 보호 해제", "Insert rows above", "페이지 번호 삽입하기", "a much longer passage " * 20]
+
+
+def test_encode_shape_norm_order_and_mode(tiny_embedder):
+    emb = tiny_embedder.train()
+    out = emb.encode(TEXTS, batch_size=2)
+    assert out.shape == (4, emb.dim) and out.dtype == torch.float32
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(4))
+    assert emb.training  # encode restores the previous mode
+    # Batching/sorting must not change results or order.
+    one_by_one = torch.cat([emb.encode([t]) for t in TEXTS])
+    torch.testing.assert_close(out, one_by_one, rtol=0, atol=1e-5)
+    assert not out.requires_grad
+
+
+def test_training_forward_has_gradients(tiny_embedder):
+    enc = tiny_embedder.tokenize(TEXTS[:2], max_length=16)
+    e = tiny_embedder(**enc)
+    assert e.shape == (2, tiny_embedder.dim) and e.requires_grad
+
+
+def test_cls_and_mean_pooling_by_hand(tiny_embedder):
+    enc = tiny_embedder.tokenize(TEXTS[:3], max_length=32)
+    hidden = tiny_embedder.encoder(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    torch.testing.assert_close(tiny_embedder(**enc), F.normalize(hidden[:, 0], dim=-1))
+    tiny_embedder.pooling = "mean"
+    torch.testing.assert_close(tiny_embedder(**enc), F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1))
+    tiny_embedder.normalize = False
+    torch.testing.assert_close(tiny_embedder(**enc), (hidden * m).sum(1) / m.sum(1))
+
+
+def test_encode_rejects_non_string_input(tiny_embedder):
+    with pytest.raises(TypeError, match="list of strings"):
+        tiny_embedder.encode("just one string")
+    with pytest.raises(TypeError, match="list of strings"):
+        tiny_embedder.encode(["ok", 3])
+
+
+def test_settings_round_trip_and_overrides(tiny_embedder, tmp_path):
+    tiny_embedder.pooling = "mean"
+    tiny_embedder.query_max_len = 17
+    tiny_embedder.save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "clp_ray.json").read_text())
+    assert meta["pooling"] == "mean" and meta["moe"] is None
+    loaded = Embedder.from_pretrained(tmp_path / "m")
+    assert loaded.pooling == "mean" and loaded.query_max_len == 17
+    assert Embedder.from_pretrained(tmp_path / "m", pooling="cls").pooling == "cls"
+    torch.testing.assert_close(loaded.encode(TEXTS), tiny_embedder.encode(TEXTS), rtol=0, atol=1e-6)
+
+
+def test_dense_folder_loads_in_plain_transformers(tiny_embedder, tmp_path):
+    from transformers import AutoModel
+
+    tiny_embedder.save_pretrained(tmp_path / "m")
+    plain = AutoModel.from_pretrained(tmp_path / "m", add_pooling_layer=False)
+    enc = tiny_embedder.tokenize(TEXTS[:2])
+    torch.testing.assert_close(plain(**enc).last_hidden_state[:, 0], tiny_embedder.encoder(**enc).last_hidden_state[:, 0])
+
+
+def test_load_embedder_from_config_upcycles(tiny_path):
+    emb = load_embedder(ModelConfig(name_or_path="tiny"), MoEConfig(layers=[0, -1], num_experts=4, top_k=2))
+    assert emb.moe_spec.layers == [0, 3] and emb.moe_spec.num_experts == 4
+    dense = load_embedder(ModelConfig(name_or_path="tiny"), MoEConfig(enabled=False))
+    assert dense.moe_spec is None
+    torch.testing.assert_close(emb.encode(TEXTS), dense.encode(TEXTS), rtol=0, atol=1e-5)
+
+
+def test_tiny_model_is_deterministic_and_cached(tmp_path, monkeypatch):
+    spec = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=1000, seed=5)
+    monkeypatch.setenv("CLP_RAY_CACHE", str(tmp_path / "a"))
+    a = tiny_model_path(spec)
+    assert tiny_model_path(spec) == a  # second call reuses the cache
+    monkeypatch.setenv("CLP_RAY_CACHE", str(tmp_path / "b"))
+    b = tiny_model_path(spec)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    ea, eb = Embedder.from_pretrained(a), Embedder.from_pretrained(b)
+    for (n, p), (_, q) in zip(ea.named_parameters(), eb.named_parameters()):
+        assert torch.equal(p, q), n
+    assert ea.encoder.config.hidden_size == 32 and ea.encoder.config.num_hidden_layers == 2
+    ids = ea.tokenizer("셀 보호")["input_ids"]
+    assert ids[0] == ea.tokenizer.cls_token_id and ids[-1] == ea.tokenizer.sep_token_id

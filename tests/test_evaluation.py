@@ -1,0 +1,149 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clp_ray.errors import DataError
+from clp_ray.evaluation import EvalResult, compare, exact_search, load_beir, score_run, write_trec_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_metrics_equal_hand_computed_values():
+    qrels = {"q1": {"d1": 1, "d3": 1, "d9": 0}, "q2": {"d2": 2}, "q3": {"d5": 1}}
+    run = {"q1": {"d2": 0.9, "d1": 0.8, "d3": 0.1, "d4": 0.05}, "q2": {"d1": 0.5, "d2": 0.4}}  # q3 retrieved nothing
+    means, per_q = score_run(qrels, run)
+    l2 = math.log2
+    ndcg_q1 = (1 / l2(3) + 1 / l2(4)) / (1 + 1 / l2(3))
+    ndcg_q2 = (2 / l2(3)) / 2
+    assert per_q["ndcg@10"]["q1"] == pytest.approx(ndcg_q1)
+    assert per_q["ndcg@10"]["q2"] == pytest.approx(ndcg_q2)
+    assert per_q["ndcg@10"]["q3"] == 0.0  # missing from the run counts as 0, not skipped
+    assert means["ndcg@10"] == pytest.approx((ndcg_q1 + ndcg_q2) / 3)
+    assert means["ndcg@5"] == pytest.approx((ndcg_q1 + ndcg_q2) / 3)
+    assert means["mrr@10"] == pytest.approx((1 / 2 + 1 / 2 + 0) / 3)
+    assert means["recall@100"] == pytest.approx((1 + 1 + 0) / 3)
+
+
+def test_perfect_run_scores_one():
+    qrels = {"a": {"x": 1, "y": 1}, "b": {"z": 1}}
+    run = {"a": {"x": 3.0, "y": 2.0, "z": 1.0}, "b": {"z": 5.0, "x": 1.0}}
+    means, _ = score_run(qrels, run)
+    assert all(v == pytest.approx(1.0) for v in means.values())
+
+
+def test_chunked_exact_search_equals_brute_force_sort():
+    gen = torch.Generator().manual_seed(0)
+    q, d = torch.randn(11, 8, generator=gen), torch.randn(53, 8, generator=gen)
+    scores, idx = exact_search(q, d, 10, chunk_size=7, query_chunk=3)
+    full = q @ d.T
+    ref = full.sort(dim=1, descending=True)
+    assert torch.equal(idx, ref.indices[:, :10])
+    torch.testing.assert_close(scores, ref.values[:, :10])
+    s_all, i_all = exact_search(q, d, 100, chunk_size=7)  # k larger than the corpus
+    assert i_all.shape == (11, 53) and torch.equal(i_all, ref.indices)
+
+
+def _beir(tmp_path, qrels_rows, queries=("q1", "q2")):
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "title": "T", "text": f"text {d}"}) + "\n"
+                                               for d in ("d1", "d2", "d3")))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": f"query {q}"}) + "\n" for q in queries))
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in qrels_rows))
+    return root
+
+
+def test_load_beir_and_errors(tmp_path):
+    root = _beir(tmp_path, [("q1", "d1", 1), ("q1", "d2", 0)])
+    data = load_beir(root, "test")
+    assert data.queries == {"q1": "query q1"}  # q2 has no judgements: not evaluated
+    assert data.corpus["d1"] == "T text d1" and data.qrels == {"q1": {"d1": 1, "d2": 0}}
+    with pytest.raises(DataError, match=r"qrels for split 'dev' not found \(available: test\)"):
+        load_beir(root, "dev")
+    bad = _beir(tmp_path / "x", [("q1", "d1", 1), ("q7", "d1", 1), ("q8", "d2", 1), ("q1", "d99", 1)])
+    with pytest.raises(DataError, match=r"2 unknown query id\(s\), e.g. \['q7', 'q8'\]; 1 unknown corpus id\(s\)"):
+        load_beir(bad, "test")
+    empty = _beir(tmp_path / "y", [])
+    with pytest.raises(DataError, match="no queries to evaluate"):
+        load_beir(empty, "test")
+    with pytest.raises(DataError, match="evaluation data folder not found"):
+        load_beir(tmp_path / "missing", "test")
+    (root / "corpus.jsonl").unlink()
+    with pytest.raises(DataError, match="corpus file not found"):
+        load_beir(root, "test")
+
+
+def test_miracl_without_hub_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="cannot load MIRACL 'hi' split 'dev' from the Hugging Face hub"):
+        load_beir("miracl://hi", "dev")
+
+
+def test_trec_run_file(tmp_path):
+    path = write_trec_run(tmp_path / "run.trec", {"q1": {"d2": 0.5, "d1": 0.9}})
+    assert path.read_text().splitlines() == ["q1 Q0 d1 1 0.900000 clp-ray", "q1 Q0 d2 2 0.500000 clp-ray"]
+
+
+def test_paired_comparison_matches_scipy():
+    from scipy.stats import ttest_rel
+
+    a = EvalResult({}, {"ndcg@10": {"q1": 0.1, "q2": 0.5, "q3": 0.2, "q4": 0.0}})
+    b = EvalResult({}, {"ndcg@10": {"q1": 0.3, "q2": 0.6, "q3": 0.2, "q4": 0.4}})
+    c = compare(a, b)
+    assert c.diff == pytest.approx(0.175) and c.num_queries == 4
+    assert c.p_value == pytest.approx(ttest_rel([0.1, 0.5, 0.2, 0.0], [0.3, 0.6, 0.2, 0.4]).pvalue)
+    assert compare(a, a).p_value == 1.0
+
+
+def run_job(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "jobs/evaluate.py", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.slow
+def test_evaluate_job_end_to_end(tmp_path, tiny_embedder):
+    summary = tmp_path / "s.json"
+    run_file = tmp_path / "run.trec"
+    p = run_job("--model", "tiny", "--data", "pkg://ko_help", "--split", "test", "--run-file", str(run_file),
+                "--summary", str(summary))
+    assert p.returncode == 0, p.stderr[-2000:]
+    s = json.loads(summary.read_text())
+    assert set(s["metrics"]) == {"ndcg@10", "ndcg@5", "recall@100", "mrr@10"}
+    assert s["num_queries"] == 942 and 0 < s["metrics"]["ndcg@10"] < 1
+    lines = run_file.read_text().splitlines()
+    assert len(lines) == 942 * 100 and lines[0].split()[1] == "Q0"
+    assert "ndcg@10" in p.stdout
+
+    # --compare: the tiny model vs an upcycled, perturbed copy saved as a folder.
+    tiny_embedder.upcycle([-1], num_experts=2)
+    with torch.no_grad():
+        for n, prm in tiny_embedder.encoder.named_parameters():
+            if "experts" in n:
+                prm.add_(torch.randn_like(prm) * 0.2)
+    tiny_embedder.save_pretrained(tmp_path / "moe")
+    p = run_job("--compare", "tiny", str(tmp_path / "moe"), "--data", "pkg://ko_help", "--split", "dev",
+                "--summary", str(summary))
+    assert p.returncode == 0, p.stderr[-2000:]
+    s = json.loads(summary.read_text())
+    cmp = s["comparison"]
+    assert cmp["diff"] == pytest.approx(cmp["mean_b"] - cmp["mean_a"]) and 0 <= cmp["p_value"] <= 1
+    assert cmp["mean_a"] != cmp["mean_b"]
+    assert "paired t-test p =" in p.stdout
+
+
+def test_evaluate_job_bad_input_exits_2(tmp_path):
+    p = run_job("--model", "tiny", "--data", str(tmp_path / "nope"))
+    assert p.returncode == 2 and "evaluation data folder not found" in p.stderr and "Traceback" not in p.stderr
+    p = run_job("--model", str(tmp_path / "no-model"), "--data", "pkg://ko_help")
+    assert p.returncode == 2 and "not found" in p.stderr and "Traceback" not in p.stderr
+    p = run_job("--lang", "xx", "--model", "tiny")
+    assert p.returncode == 2 and "known languages: fa, hi, ko" in p.stderr
+    p = run_job("--lang", "hi", "--set", "eval.batch_size=0", "--print-config")
+    assert p.returncode == 2 and "--set eval.batch_size=0: eval.batch_size: Input should be greater than or equal to 1" in p.stderr
+    p = run_job("--lang", "hi", "--profile", "local", "--print-config")
+    assert p.returncode == 0 and "name_or_path: tiny" in p.stdout and "data_dir: pkg://ko_help" in p.stdout
