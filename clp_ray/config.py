@@ -103,6 +103,9 @@ class DataConfig(_Section):
     max_line_bytes: int = Field(1_000_000, ge=64)
     dev_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 42
+    # Texts per length-sorted padded sub-batch when encoding a training batch (0: pad the whole
+    # batch to its longest text). Smaller = less padding, larger = bigger matmuls.
+    length_bucket_size: int = Field(16, ge=0)
 
 
 class TrainConfig(_Section):
@@ -115,18 +118,27 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     # "auto": bf16 on GPU, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    eval_every_steps: Optional[int] = Field(None, ge=1)  # None: once per epoch
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    eval_every_steps: Optional[int] = Field(None, ge=1)  # optimizer steps; None: once per epoch
+    log_every_steps: int = Field(10, ge=1)
     seed: int = 42
     max_failures: int = Field(1, ge=-1)
+    checkpoints_to_keep: int = Field(2, ge=1)
     output_dir: str = "outputs"
+    # Stable name => re-running the same command resumes; None: train-<lang>-<config hash>.
     run_name: Optional[str] = None
-    storage_path: Optional[str] = None
+    storage_path: Optional[str] = None  # Ray Train storage; None: <output_dir>/ray_results
+    # Test hook: raise on this rank at this optimizer step, once per run (fault-tolerance tests).
+    debug_fail_at_step: Optional[int] = Field(None, ge=1)
+    debug_fail_rank: int = Field(1, ge=0)
 
 
 class DeepSpeedConfig(_Section):
     stage: Literal[0, 1, 2, 3] = 2
     config_dir: Optional[str] = None  # None: <config dir>/deepspeed
-    offload_optimizer: bool = False
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU (stage >= 1)
+    # Merged (recursively) over configs/deepspeed/zero<stage>.json, e.g. {zero_optimization: {...}}.
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
 
 class SearchConfig(_Section):
@@ -179,6 +191,10 @@ class RayConfig(_Section):
     gpus_per_worker: float = Field(0, ge=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     include_dashboard: bool = True
+    # Local ray.init only: CPUs to offer (None: all). Ignored when connecting to a cluster.
+    num_cpus: Optional[int] = Field(None, ge=1)
+    # An autoscaling cluster can grow, so "more workers than the cluster holds now" is no error.
+    autoscaling: bool = False
 
 
 class ExperimentConfig(_Section):

@@ -80,6 +80,14 @@ class RouterAux:
     extra: dict = field(default_factory=dict)
 
 
+class Router(nn.Linear):
+    """``hidden -> num_experts`` logits, always computed in fp32 (small logit gaps decide routing,
+    and bf16 would round them away). A module of its own so ZeRO-3 gathers its weight on call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
 class MoEFeedForward(nn.Module):
     """Drop-in replacement for an ``nn.Linear`` with ``num_experts`` routed copies of it."""
 
@@ -108,7 +116,7 @@ class MoEFeedForward(nn.Module):
         self.jitter = jitter
         self.top1_gate = top1_gate
         # The router is kept and computed in fp32: small logit differences decide the routing.
-        self.router = nn.Linear(self.in_features, num_experts, bias=False, device=dense.weight.device, dtype=torch.float32)
+        self.router = Router(self.in_features, num_experts, bias=False, device=dense.weight.device, dtype=torch.float32)
         nn.init.normal_(self.router.weight, std=0.02)
         self.experts = nn.ModuleList(copy.deepcopy(dense) for _ in range(num_experts))
         self.aux: Optional[RouterAux] = None
@@ -122,7 +130,7 @@ class MoEFeedForward(nn.Module):
         h32 = h.float()
         if self.training and self.jitter > 0:
             h32 = h32 * torch.empty_like(h32).uniform_(1 - self.jitter, 1 + self.jitter)
-        logits = F.linear(h32, self.router.weight.float())
+        logits = self.router(h32)
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         if self.top_k > 1:
@@ -244,7 +252,9 @@ def dispatch(
     counts = torch.bincount(flat_e, minlength=len(experts)).tolist()
     if k == 1:
         xs = _PermuteRows.apply(h, order)
-        ys = [experts[e](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e]]
+        # Every expert runs, even on zero rows: its parameters then get a zero gradient instead of
+        # None, so data-parallel gradient buckets have the same size on every rank.
+        ys = [experts[e](chunk) for e, chunk in enumerate(xs.split(counts))]
         if top1_probs is not None:
             return _Top1StraightThroughCombine.apply(order, top1_probs, *ys)
         ys_sorted = torch.cat(ys) * gates.reshape(-1)[order].unsqueeze(-1)
@@ -253,7 +263,7 @@ def dispatch(
         return _PermuteRows.apply(ys_sorted, inverse)
     token_of = order // k  # which token each sorted slot came from
     xs = h.index_select(0, token_of)
-    ys = torch.cat([experts[e](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e]])
+    ys = torch.cat([experts[e](chunk) for e, chunk in enumerate(xs.split(counts))])
     ys = ys * gates.reshape(-1)[order].unsqueeze(-1)
     return torch.zeros(n, out_features, dtype=ys.dtype, device=ys.device).index_add_(0, token_of, ys)
 

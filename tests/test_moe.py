@@ -234,3 +234,18 @@ def test_top1_layer_forward_and_gradients_equal_naive_reference(gate):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_expert_without_tokens_gets_zero_gradient_not_none(top_k):
+    # Data-parallel gradient reduction needs the same set of gradients on every rank.
+    layer = MoEFeedForward(nn.Linear(4, 6), num_experts=4, top_k=top_k)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 10.0  # everything to expert 0 (and 1 for top-2, by tie order)
+        layer.router.weight[1, 0] = 5.0
+    x = torch.ones(5, 4)
+    layer(x).sum().backward()
+    unused = layer.experts[3]
+    assert unused.weight.grad is not None and torch.equal(unused.weight.grad, torch.zeros_like(unused.weight))
+    assert unused.bias.grad is not None

@@ -1,0 +1,40 @@
+"""Train one model (fixed hyper-parameters) with Ray Train + DeepSpeed ZeRO on the CLP loss.
+
+    python jobs/train.py --lang hi [--profile local|cluster] [--set key=value ...] [--summary FILE]
+
+Re-running the same command resumes the run (same train.run_name, or the config hash when unset).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clp_ray.cli import config_from_args, experiment_parser, run_job  # noqa: E402
+
+log = logging.getLogger("clp_ray.train")
+
+
+def main(args) -> dict:
+    from clp_ray.training import run_training
+
+    cfg = config_from_args(args)
+    result = run_training(cfg)
+    m = result.metrics
+    dev = {k: v for k, v in m.items() if k.startswith("dev_") and not k.endswith("_init")}
+    init = {k.removesuffix("_init"): v for k, v in m.items() if k.startswith("dev_") and k.endswith("_init")}
+    print(f"\nrun {result.name}: {int(m.get('step', 0))} optimizer steps")
+    for k, v in dev.items():
+        before = init.get(k)
+        print(f"  {k:<16} {v:.4f}" + (f"   (untrained {before:.4f})" if before is not None else ""))
+    print(f"model: {result.model_path}")
+    print(f"MLflow run: {result.mlflow_run_id}")
+    return {"run_name": result.name, "run_dir": result.run_dir, "checkpoint": result.checkpoint_path,
+            "model_path": result.model_path, "metrics": m, "mlflow_run_id": result.mlflow_run_id}
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main, experiment_parser(__doc__.splitlines()[0]).parse_args()))
