@@ -11,8 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+import mlflow.pyfunc
 
 from clp_ray.config import ExperimentConfig
 from clp_ray.errors import ClpRayError
@@ -115,6 +119,143 @@ def start_run(cfg: ExperimentConfig, run_name: str, *, tags: Optional[dict] = No
     return Tracker(uri, run.info.run_id)
 
 
+def start_run_retrying(cfg: ExperimentConfig, run_name: str, *, attempts: int = 8, **kw) -> Tracker:
+    """start_run, retried: concurrent trials writing one SQLite file can hit 'database is locked'."""
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for i in range(attempts):
+        try:
+            return start_run(cfg, run_name, **kw)
+        except (MlflowException, ClpRayError) as e:
+            if i == attempts - 1 or "locked" not in str(e).lower():
+                raise
+            time.sleep(0.2 * (2 ** i) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def git_commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# The registered model: an MLflow pyfunc wrapping an Embedder folder.
+
+
+class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
+    """``mlflow.pyfunc.load_model(uri).predict(["text", ...])`` -> float32 [N, D] normalised
+    embeddings; the Embedder folder (MoE layers included) is the model's ``embedder`` artifact."""
+
+    def load_context(self, context):
+        from clp_ray.modeling import Embedder
+
+        self.embedder = Embedder.from_pretrained(context.artifacts["embedder"])
+
+    def predict(self, context, model_input, params=None):
+        texts = _as_text_list(model_input)
+        batch_size = int((params or {}).get("batch_size", 32))
+        return self.embedder.encode(texts, batch_size=batch_size).numpy().astype("float32")
+
+
+def _as_text_list(model_input) -> list[str]:
+    # pandas input (e.g. from a serving endpoint): take its only column.
+    if hasattr(model_input, "columns") and hasattr(model_input, "iloc"):
+        if len(model_input.columns) != 1:
+            raise TypeError(f"expected one column of strings, got columns {list(model_input.columns)}")
+        model_input = model_input.iloc[:, 0].tolist()
+    if isinstance(model_input, str) or not isinstance(model_input, (list, tuple)):
+        raise TypeError(f"predict expects a list of strings, got {type(model_input).__name__}")
+    bad = [i for i, t in enumerate(model_input) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"predict expects a list of strings; item {bad[0]} is {type(model_input[bad[0]]).__name__}")
+    return list(model_input)
+
+
+def log_embedder_model(tracker: Tracker, model_dir: str | os.PathLike, *, registered_name: Optional[str] = None,
+                       tags: Optional[dict] = None):
+    """Log ``model_dir`` as a pyfunc on the tracker's run and, with ``registered_name``, register it
+    as a new model version (tags attached). Returns the ModelVersion or the logged model info."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracker.uri)
+    with mlflow.start_run(run_id=tracker.run_id):
+        # clp-ray itself must be installed where the model is loaded (it defines the model class).
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=EmbedderPyfunc(), artifacts={"embedder": str(model_dir)},
+            pip_requirements=["clp-ray"],
+        )
+    if not registered_name:
+        return info
+    client = tracker.client
+    version = mlflow.register_model(info.model_uri, registered_name, tags={k: str(v) for k, v in (tags or {}).items()})
+    return client.get_model_version(registered_name, version.version)
+
+
+@dataclass
+class Promotion:
+    promoted: bool
+    reason: str
+    version: str
+    previous: Optional[str] = None
+
+
+def promote_if_better(uri: str, name: str, version: str, *, metric_tag: str = "test_ndcg_at_10",
+                      eval_hash_tag: str = "eval_set_hash", alias: str = "champion",
+                      rescore: Optional[Callable[[str], float]] = None) -> Promotion:
+    """Move ``alias`` to ``version`` only if its test metric beats the current champion's on the
+    same evaluation set. A champion scored on another set is re-scored with ``rescore(model_uri)``
+    when given; otherwise the version stays unpromoted. The reason goes into a version tag."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    new = client.get_model_version(name, version)
+    new_score = float(new.tags[metric_tag])
+    try:
+        champ = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        champ = None
+    if champ is None:
+        client.set_registered_model_alias(name, alias, version)
+        reason = f"first version: promoted to @{alias} with {metric_tag} {new_score:.4f}"
+        client.set_model_version_tag(name, version, "clp_ray.promotion", reason)
+        return Promotion(True, reason, version)
+    if champ.version == version:
+        return Promotion(True, f"version {version} already holds @{alias}", version, champ.version)
+    champ_score = float(champ.tags.get(metric_tag, "nan"))
+    if champ.tags.get(eval_hash_tag) != new.tags.get(eval_hash_tag):
+        if rescore is None:
+            reason = (f"not promoted: champion v{champ.version} was evaluated on another set "
+                      f"({champ.tags.get(eval_hash_tag)} vs {new.tags.get(eval_hash_tag)})")
+            client.set_model_version_tag(name, version, "clp_ray.not_promoted_reason", reason)
+            return Promotion(False, reason, version, champ.version)
+        champ_score = rescore(f"models:/{name}/{champ.version}")
+    if new_score > champ_score:
+        client.set_registered_model_alias(name, alias, version)
+        reason = f"promoted: {metric_tag} {new_score:.4f} > champion v{champ.version} {champ_score:.4f}"
+        client.set_model_version_tag(name, version, "clp_ray.promotion", reason)
+        return Promotion(True, reason, version, champ.version)
+    reason = f"not promoted: {metric_tag} {new_score:.4f} <= champion v{champ.version} {champ_score:.4f}"
+    client.set_model_version_tag(name, version, "clp_ray.not_promoted_reason", reason)
+    return Promotion(False, reason, version, champ.version)
+
+
 def load_registered_embedder(uri: str):
-    """Load the Embedder behind an MLflow model URI (``models:/name@alias``, ``runs:/...``)."""
-    raise ClpRayError(f"{uri}: loading models from the MLflow registry is not available yet (see the README)")
+    """The Embedder behind an MLflow model URI (``models:/name@alias``, ``models:/name/3``, ``runs:/...``)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as e:
+        raise ClpRayError(f"cannot load {uri} from MLflow at {mlflow.get_tracking_uri()}: {str(e).splitlines()[0]}") from None
+    return model.unwrap_python_model().embedder

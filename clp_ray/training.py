@@ -452,7 +452,7 @@ def check_resources(cfg: ExperimentConfig) -> None:
 def prepare(cfg: ExperimentConfig, *, name: Optional[str] = None) -> PreparedRun:
     """All checks that can fail on user input, before any cluster work: config consistency,
     DeepSpeed config, data validation (rejects written next to the run outputs)."""
-    from clp_ray.data import load_records, validate
+    from clp_ray.data import load_records, split_train_dev, validate
 
     if not cfg.moe.enabled and cfg.moe.train_only == "moe":
         raise ConfigError("moe.train_only = moe trains only MoE layers, but moe.enabled is false; "
@@ -468,10 +468,11 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[str] = None) -> PreparedRun
     log.info("training data: %d good records (%d rejected), content hash %s", report.good, report.bad, report.content_hash)
     # Build the Arrow cache once on the driver; workers on this machine reuse it.
     records = load_records(report, lam=cfg.loss.lam, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
-    min_records = cfg.ray.num_workers * 2
-    if len(records) < min_records:
-        raise ClpRayError(f"only {len(records)} usable training records for {cfg.ray.num_workers} workers")
-    return PreparedRun(cfg, name, storage_path(cfg), ds_config, report.files, report.content_hash, report.to_dict())
+    train_ds, _ = split_train_dev(records, cfg.data.dev_fraction, cfg.data.seed)
+    if len(train_ds) < cfg.ray.num_workers:
+        raise ClpRayError(f"only {len(train_ds)} training records (after the dev split) for {cfg.ray.num_workers} workers")
+    return PreparedRun(cfg, name, storage_path(cfg), ds_config, report.files, report.content_hash, report.to_dict(),
+                       extra={"train_records": len(train_ds)})
 
 
 @dataclass

@@ -1,0 +1,104 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clp_ray.config import load_config
+from clp_ray.moe import moe_layers
+from clp_ray.tracking import load_registered_embedder, log_embedder_model, promote_if_better, start_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["셀 보호 해제", "Insert rows above", "차트 데이터 범위"]
+
+
+@pytest.fixture()
+def mlflow_cfg(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return load_config("hi", "local", [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+
+
+@pytest.fixture()
+def moe_folder(tiny_embedder, tmp_path):
+    tiny_embedder.upcycle([0, -1], num_experts=3, top_k=1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, m in moe_layers(tiny_embedder.encoder):
+            m.router.weight.normal_()
+            for ex in m.experts:
+                ex.weight.add_(torch.randn_like(ex.weight) * 0.1)
+    return tiny_embedder.save_pretrained(tmp_path / "model")
+
+
+def register(cfg, folder, score, eval_hash="h1"):
+    tracker = start_run(cfg, "sweep")
+    mv = log_embedder_model(tracker, folder, registered_name="clp-ray-hi",
+                            tags={"test_ndcg_at_10": score, "eval_set_hash": eval_hash, "data_hash": "d"})
+    tracker.end()
+    return mv.version
+
+
+@pytest.mark.slow
+def test_promotion_rule(mlflow_cfg, moe_folder):
+    from mlflow import MlflowClient
+
+    uri = mlflow_cfg.tracking.tracking_uri
+    client = MlflowClient(uri)
+    v1 = register(mlflow_cfg, moe_folder, 0.5)
+    assert promote_if_better(uri, "clp-ray-hi", v1).promoted
+    v2 = register(mlflow_cfg, moe_folder, 0.4)
+    p2 = promote_if_better(uri, "clp-ray-hi", v2)
+    assert not p2.promoted and client.get_model_version_by_alias("clp-ray-hi", "champion").version == v1
+    assert client.get_model_version("clp-ray-hi", v2).tags["clp_ray.not_promoted_reason"] == \
+        "not promoted: test_ndcg_at_10 0.4000 <= champion v1 0.5000"
+    v3 = register(mlflow_cfg, moe_folder, 0.6)
+    assert promote_if_better(uri, "clp-ray-hi", v3).promoted
+    assert client.get_model_version_by_alias("clp-ray-hi", "champion").version == v3
+    # A champion scored on another evaluation set is re-scored on this one before comparing.
+    v4 = register(mlflow_cfg, moe_folder, 0.7, eval_hash="h2")
+    rescored = []
+    p4 = promote_if_better(uri, "clp-ray-hi", v4, rescore=lambda u: rescored.append(u) or 0.9)
+    assert rescored == [f"models:/clp-ray-hi/{v3}"] and not p4.promoted and "0.7000 <= champion v3 0.9000" in p4.reason
+    p4b = promote_if_better(uri, "clp-ray-hi", v4)  # no way to re-score: stays unpromoted, says why
+    assert not p4b.promoted and "evaluated on another set" in p4b.reason
+    assert client.get_model_version_by_alias("clp-ray-hi", "champion").version == v3
+
+
+@pytest.mark.slow
+def test_registered_model_loads_in_a_fresh_process(mlflow_cfg, moe_folder, tmp_path):
+    from clp_ray.modeling import Embedder
+
+    uri = mlflow_cfg.tracking.tracking_uri
+    v = register(mlflow_cfg, moe_folder, 0.5)
+    promote_if_better(uri, "clp-ray-hi", v)
+    expected = Embedder.from_pretrained(moe_folder).encode(TEXTS).numpy()
+    script = (
+        "import json, sys, mlflow, numpy as np\n"
+        "m = mlflow.pyfunc.load_model('models:/clp-ray-hi@champion')\n"
+        f"out = m.predict({TEXTS!r})\n"
+        "np.save(sys.argv[1], out)\n"
+        "try:\n    m.predict('not a list')\nexcept Exception as e:\n    print('ERR', e)\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    p = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.npy")], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = np.load(tmp_path / "out.npy")
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert "predict expects a list of strings, got str" in p.stdout
+
+    # The same URI works wherever a model reference is accepted.
+    emb = load_registered_embedder("models:/clp-ray-hi@champion")
+    assert emb.moe_spec is not None and len(moe_layers(emb.encoder)) == 2
+    summary = tmp_path / "s.json"
+    p = subprocess.run([sys.executable, str(ROOT / "jobs/evaluate.py"), "--model", "models:/clp-ray-hi@champion",
+                        "--data", "pkg://ko_help", "--split", "dev", "--summary", str(summary)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(summary.read_text())["metrics"]["ndcg@10"] > 0

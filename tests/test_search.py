@@ -1,0 +1,57 @@
+import optuna
+import pytest
+
+from clp_ray.config import load_config
+from clp_ray.errors import ConfigError
+from clp_ray.search import apply_params, check_space, make_space, points_to_evaluate
+
+
+def sample(cfg, n=30, layers=4):
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    space = make_space(cfg, layers)
+    out = []
+    for i in range(n):
+        trial = study.ask()
+        space(trial)
+        out.append(trial.params)
+        study.tell(trial, float(i % 7))
+    return out
+
+
+def test_space_bounds_and_moe_parameters():
+    cfg = load_config("hi", "local")
+    for p in sample(cfg):
+        assert 0 <= p["lam"] <= 0.5 and 0.01 <= p["temperature"] <= 0.1
+        assert p["num_experts"] in (2, 4, 8) and p["top_k"] in (1, 2) and 0 <= p["moe_layer"] <= 3
+        trial_cfg = apply_params(cfg, p)
+        assert trial_cfg.moe.layers == [p["moe_layer"]] and trial_cfg.loss.lam == p["lam"]
+        assert trial_cfg.train.learning_rate == p["learning_rate"]
+
+
+def test_conditional_space_never_emits_moe_params_when_moe_is_off():
+    cfg = load_config("hi", "local", ["moe.enabled=false", "moe.train_only=all"])
+    for p in sample(cfg):
+        assert not {"num_experts", "top_k", "moe_layer"} & set(p)
+        assert apply_params(cfg, p).moe.enabled is False
+    assert "num_experts" not in points_to_evaluate(cfg, 4)[0]
+
+
+def test_block_mode_keeps_the_block_inside_the_model():
+    cfg = load_config("hi", "local", ["search.layer_mode=block", "search.block_size=2"])
+    for p in sample(cfg, layers=4):
+        layers = apply_params(cfg, p).moe.layers
+        assert len(layers) == 2 and layers[0] + 1 == layers[1] and layers[1] <= 3
+
+
+def test_paper_point_is_evaluated_first():
+    cfg = load_config("hi", "local")
+    (point,) = points_to_evaluate(cfg, 4)
+    assert point == {"lam": 0.1, "temperature": 0.02, "learning_rate": 1e-3, "num_experts": 2, "top_k": 1, "moe_layer": 3}
+    assert apply_params(cfg, point).moe.site == "intermediate"
+
+
+def test_invalid_space_is_a_config_error():
+    with pytest.raises(ConfigError, match="top_k"):
+        check_space(load_config("hi", "local", ["search.num_experts=[2, 4]", "search.top_k=[1, 4]"]), 4)
+    with pytest.raises(ConfigError, match="lower bound"):
+        load_config("hi", "local", ["search.lam=[0.5, 0.1]"])
