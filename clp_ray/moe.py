@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 import torch
@@ -77,7 +77,6 @@ class RouterAux:
     expert_fraction: torch.Tensor  # [E], detached
     entropy: torch.Tensor  # scalar, detached: mean per-token entropy of the router distribution
     tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Router(nn.Linear):

@@ -18,6 +18,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """The first 40 bundled CLP records: with 2 workers x batch 4, a few micro-batches per epoch."""
+    from pathlib import Path
+
+    from clp_ray.config import resolve_path
+
+    src = Path(resolve_path("pkg://ko_help/train.jsonl")).read_text(encoding="utf-8").splitlines()[:40]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(src) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_path():
     from clp_ray.tiny import tiny_model_path
 

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from clp_ray.config import resolve_path
-
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -31,14 +29,6 @@ def env():
     # `python` in the job's entrypoint must be this environment's (as on a cluster node).
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-@pytest.fixture()
-def small_data(tmp_path):
-    src = Path(resolve_path("pkg://ko_help/train.jsonl")).read_text(encoding="utf-8").splitlines()[:40]
-    path = tmp_path / "train.jsonl"
-    path.write_text("\n".join(src) + "\n", encoding="utf-8")
-    return path
 
 
 @pytest.fixture()

@@ -7,21 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from clp_ray.config import load_config, resolve_path
+from clp_ray.config import load_config
 from clp_ray.errors import ClpRayError
 from clp_ray.moe import moe_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """40 bundled records: 2 workers x batch 4 -> 5 micro-batches per rank per epoch."""
-    src = Path(resolve_path("pkg://ko_help/train.jsonl")).read_text(encoding="utf-8").splitlines()[:40]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("\n".join(src) + "\n", encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from clp_ray.config import load_config, resolve_path
+from clp_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    src = Path(resolve_path("pkg://ko_help/train.jsonl")).read_text(encoding="utf-8").splitlines()[:40]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("\n".join(src) + "\n", encoding="utf-8")
-    return path
 
 
 def sweep_sets(tmp_path, data, *extra):
