@@ -183,6 +183,42 @@ class EvalConfig(_Section):
     top_k: int = Field(100, ge=10)
 
 
+class GeneratorConfig(_Section):
+    """Writes a query for a mined negative that no judged query is relevant to."""
+
+    kind: Literal["none", "openai"] = "none"  # none: keep only negatives with a known query
+    base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible chat-completions endpoint
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(4, ge=1, le=64)
+    max_retries: int = Field(3, ge=0)
+    timeout_s: float = Field(30.0, gt=0)
+    cache_dir: str = "outputs/generator_cache"  # a re-run never pays twice for the same prompt
+    prompt: str = ("Write one short search query, in the language of the passage, that this passage answers. "
+                   "Reply with the query only.\n\nPassage:\n{passage}")
+
+
+class MiningConfig(_Section):
+    top_k: int = Field(100, ge=2)
+    rank_window: tuple[int, int] = (10, 100)  # 1-based ranks [first, last] to sample negatives from
+    negatives_per_query: int = Field(7, ge=1)
+    # False-negative guard: skip candidates scoring >= margin x the positive (relative) or
+    # >= positive - margin (absolute).
+    margin: float = Field(0.95, ge=0)
+    margin_mode: Literal["relative", "absolute"] = "relative"
+    seed: int = 13
+    generator: GeneratorConfig = GeneratorConfig()
+
+    @model_validator(mode="after")
+    def _window_ok(self) -> MiningConfig:
+        lo, hi = self.rank_window
+        if not 1 <= lo <= hi:
+            raise ValueError(f"rank_window {list(self.rank_window)} must satisfy 1 <= first <= last")
+        if hi > self.top_k:
+            raise ValueError(f"rank_window last rank {hi} exceeds top_k {self.top_k}")
+        return self
+
+
 class RayConfig(_Section):
     address: Optional[str] = None  # None: connect to a running cluster if any, else start locally
     num_workers: int = Field(2, ge=1)
@@ -208,6 +244,7 @@ class ExperimentConfig(_Section):
     search: SearchConfig = SearchConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
+    mining: MiningConfig = MiningConfig()
     ray: RayConfig = RayConfig()
 
     def to_dict(self) -> dict[str, Any]:

@@ -87,13 +87,22 @@ def load_beir(data_dir: str | os.PathLike, split: str = "test") -> RetrievalSet:
     root = Path(resolve_path(spec))
     if not root.is_dir():
         raise DataError(f"{root}: evaluation data folder not found")
-    corpus = {str(r["_id"]): " ".join(t for t in (r.get("title") or "", r.get("text") or "") if t).strip()
-              for r in _read_jsonl(root / "corpus.jsonl", "corpus")}
-    all_queries = {str(r["_id"]): r.get("text") or "" for r in _read_jsonl(root / "queries.jsonl", "queries")}
     qrels_file = root / "qrels" / f"{split}.tsv"
     if not qrels_file.is_file():
         known = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
         raise DataError(f"{qrels_file}: qrels for split {split!r} not found (available: {', '.join(known) or 'none'})")
+    return load_beir_files(root / "corpus.jsonl", root / "queries.jsonl", qrels_file, name=f"{root.name}/{split}")
+
+
+def load_beir_files(corpus_file: str | os.PathLike, queries_file: str | os.PathLike, qrels_file: str | os.PathLike,
+                    name: str = "") -> RetrievalSet:
+    """BEIR-format files named one by one (``corpus.jsonl``, ``queries.jsonl``, a qrels TSV)."""
+    corpus_file, queries_file, qrels_file = Path(corpus_file), Path(queries_file), Path(qrels_file)
+    corpus = {str(r["_id"]): " ".join(t for t in (r.get("title") or "", r.get("text") or "") if t).strip()
+              for r in _read_jsonl(corpus_file, "corpus")}
+    all_queries = {str(r["_id"]): r.get("text") or "" for r in _read_jsonl(queries_file, "queries")}
+    if not qrels_file.is_file():
+        raise DataError(f"{qrels_file}: qrels file not found")
     qrels: dict[str, dict[str, int]] = {}
     unknown_q: set[str] = set()
     unknown_d: set[str] = set()
@@ -135,8 +144,8 @@ def load_beir(data_dir: str | os.PathLike, split: str = "test") -> RetrievalSet:
     if not queries:
         raise DataError(f"{qrels_file}: no queries to evaluate (empty qrels)")
     if not corpus:
-        raise DataError(f"{root / 'corpus.jsonl'}: empty corpus")
-    return RetrievalSet(corpus=corpus, queries=queries, qrels=qrels, name=f"{root.name}/{split}")
+        raise DataError(f"{corpus_file}: empty corpus")
+    return RetrievalSet(corpus=corpus, queries=queries, qrels=qrels, name=name or qrels_file.stem)
 
 
 def load_miracl(lang: str, split: str = "dev") -> RetrievalSet:

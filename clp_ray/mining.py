@@ -1,0 +1,216 @@
+"""Build CLP training data: ANCE-style hard-negative mining and negative-query assignment.
+
+For every training query: retrieve the top-k passages with exact search, drop the query's
+positives, keep candidates ranked inside ``mining.rank_window`` that pass the false-negative guard
+(not scoring within ``margin`` of the best positive), and sample ``negatives_per_query`` of them
+with a seed. Each negative's own query (``neg_q``) is a judged query it is relevant to when the
+qrels know one; otherwise the generator writes one (an OpenAI-compatible chat endpoint, cached on
+disk) or, with ``generator.kind: none``, the negative is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from clp_ray.atomic import atomic_path
+from clp_ray.config import GeneratorConfig, MiningConfig
+from clp_ray.errors import ClpRayError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MiningStats:
+    queries: int = 0
+    written: int = 0
+    skipped_no_negatives: int = 0
+    negatives: int = 0
+    neg_q_from_qrels: int = 0
+    neg_q_generated: int = 0
+    negatives_dropped: int = 0  # no known query and no generator (or generation failed)
+    candidates_guarded: int = 0  # skipped by the false-negative margin
+    generator_requests: int = 0
+    generator_cache_hits: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        d["negatives_per_query"] = self.negatives / self.written if self.written else 0.0
+        return d
+
+
+def select_negatives(
+    scores: list[float], doc_ids: list[str], positives: dict[str, int], pos_score: float, cfg: MiningConfig,
+    rng: random.Random,
+) -> tuple[list[str], int]:
+    """Negatives for one query from its ranked list (best first). Returns (negatives, guarded count)."""
+    lo, hi = cfg.rank_window
+    guarded = 0
+    candidates = []
+    for rank, (doc, score) in enumerate(zip(doc_ids, scores), 1):
+        if rank < lo or rank > hi or positives.get(doc, 0) > 0:
+            continue
+        limit = pos_score * cfg.margin if cfg.margin_mode == "relative" else pos_score - cfg.margin
+        if score >= limit:
+            guarded += 1
+            continue
+        candidates.append(doc)
+    k = min(cfg.negatives_per_query, len(candidates))
+    return rng.sample(candidates, k), guarded
+
+
+class QueryGenerator:
+    """OpenAI-compatible chat-completions client: bounded concurrency, retries with exponential
+    back-off, per-request timeouts, and a JSON-file cache on disk keyed by (model, prompt)."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        self.cfg = cfg
+        self.cache_dir = Path(cfg.cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.api_key = os.environ.get(cfg.api_key_env, "")
+        self.requests = 0
+        self.cache_hits = 0
+        self._lock = threading.Lock()
+
+    def _key(self, prompt: str) -> Path:
+        digest = hashlib.sha256(f"{self.cfg.base_url}\0{self.cfg.model}\0{prompt}".encode()).hexdigest()
+        return self.cache_dir / f"{digest}.json"
+
+    def _request(self, prompt: str) -> str:
+        body = json.dumps({"model": self.cfg.model, "messages": [{"role": "user", "content": prompt}],
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(f"{self.cfg.base_url.rstrip('/')}/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})})
+        with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+            data = json.loads(resp.read().decode())
+        return data["choices"][0]["message"]["content"].strip()
+
+    def generate(self, passage: str) -> Optional[str]:
+        prompt = self.cfg.prompt.format(passage=passage)
+        path = self._key(prompt)
+        if path.exists():
+            with self._lock:
+                self.cache_hits += 1
+            return json.loads(path.read_text())["query"]
+        last: Exception | None = None
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                with self._lock:
+                    self.requests += 1
+                query = self._request(prompt)
+                if not query:
+                    raise ValueError("empty completion")
+                with atomic_path(path) as tmp:
+                    tmp.write_text(json.dumps({"query": query, "model": self.cfg.model}, ensure_ascii=False))
+                return query
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError) as e:
+                last = e
+                if attempt < self.cfg.max_retries:
+                    time.sleep(min(0.2 * 2 ** attempt, 5.0))
+        log.warning("generator gave up after %d attempts: %s", self.cfg.max_retries + 1, last)
+        return None
+
+    def generate_many(self, passages: list[str], show_progress: bool = False) -> list[Optional[str]]:
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            it = pool.map(self.generate, passages)
+            if show_progress:
+                from tqdm.auto import tqdm
+
+                it = tqdm(it, total=len(passages), desc="generate neg_q", unit="query")
+            return list(it)
+
+
+def mine(
+    q_emb: torch.Tensor,
+    d_emb: torch.Tensor,
+    qids: list[str],
+    doc_ids: list[str],
+    queries: dict[str, str],
+    corpus: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    cfg: MiningConfig,
+    *,
+    chunk_size: int = 4096,
+    show_progress: bool = False,
+) -> tuple[list[dict], MiningStats]:
+    """CLP records from embeddings of the training queries (``qids``) and the corpus (``doc_ids``)."""
+    from clp_ray.evaluation import exact_search
+
+    stats = MiningStats(queries=len(qids))
+    scores, idx = exact_search(q_emb, d_emb, cfg.top_k, chunk_size=chunk_size)
+    doc_pos = {d: i for i, d in enumerate(doc_ids)}
+    relevant_to: dict[str, list[str]] = {}
+    for q, rels in qrels.items():
+        for d, r in rels.items():
+            if r > 0 and q in queries:
+                relevant_to.setdefault(d, []).append(q)
+
+    plan: list[tuple[str, list[str], list[Optional[str]]]] = []
+    need_generation: list[tuple[int, int, str]] = []
+    for row, qid in enumerate(qids):
+        positives = {d: r for d, r in qrels.get(qid, {}).items() if r > 0 and d in doc_pos}
+        if not positives:
+            continue
+        pos_score = max(float(q_emb[row] @ d_emb[doc_pos[d]]) for d in positives)
+        rng = random.Random(f"{cfg.seed}/{qid}")
+        ranked = [doc_ids[j] for j in idx[row].tolist()]
+        negs, guarded = select_negatives(scores[row].tolist(), ranked, positives, pos_score, cfg, rng)
+        stats.candidates_guarded += guarded
+        neg_q: list[Optional[str]] = []
+        for d in negs:
+            owners = sorted(q for q in relevant_to.get(d, []) if q != qid and queries[q] != queries[qid])
+            if owners:
+                neg_q.append(queries[rng.choice(owners)])
+                stats.neg_q_from_qrels += 1
+            else:
+                neg_q.append(None)
+                need_generation.append((len(plan), len(neg_q) - 1, d))
+        plan.append((qid, negs, neg_q))
+
+    if need_generation and cfg.generator.kind == "openai":
+        gen = QueryGenerator(cfg.generator)
+        written = gen.generate_many([corpus[d] for _, _, d in need_generation], show_progress=show_progress)
+        for (p, j, _), q in zip(need_generation, written):
+            plan[p][2][j] = q
+            stats.neg_q_generated += q is not None
+        stats.generator_requests, stats.generator_cache_hits = gen.requests, gen.cache_hits
+
+    records = []
+    for qid, negs, neg_q in plan:
+        kept = [(d, q) for d, q in zip(negs, neg_q) if q]
+        stats.negatives_dropped += len(negs) - len(kept)
+        if not kept:
+            stats.skipped_no_negatives += 1
+            continue
+        positives = [corpus[d] for d, r in sorted(qrels[qid].items()) if r > 0 and d in doc_pos]
+        records.append({"query": queries[qid], "pos": positives, "neg": [corpus[d] for d, _ in kept],
+                        "neg_q": [q for _, q in kept]})
+        stats.negatives += len(kept)
+    stats.written = len(records)
+    return records, stats
+
+
+def write_records(records: list[dict], out: str | os.PathLike, stats: Optional[MiningStats] = None) -> Path:
+    if not records:
+        counts = ", ".join(f"{k} {v}" for k, v in (stats.to_dict() if stats else {}).items())
+        raise ClpRayError(f"mining produced no records (no query kept a negative): {counts}; widen mining.rank_window, "
+                          "lower mining.margin, or enable mining.generator")
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return Path(out)

@@ -1,0 +1,155 @@
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clp_ray.config import GeneratorConfig, MiningConfig
+from clp_ray.mining import QueryGenerator, mine, select_negatives
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_window_positives_and_margin_guard():
+    docs = [f"d{i}" for i in range(10)]
+    scores = [1.0, 0.99, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    cfg = MiningConfig(top_k=10, rank_window=(2, 8), negatives_per_query=10, margin=0.85)
+    negs, guarded = select_negatives(scores, docs, {"d3": 1}, 1.0, cfg, random.Random(0))
+    # rank 1 and ranks 9-10 are outside the window; d3 is a positive; d1 (0.99) and d2 (0.9) are within
+    # the relative margin (>= 0.85 x positive) and are guarded as likely false negatives.
+    assert sorted(negs) == ["d4", "d5", "d6", "d7"] and guarded == 2
+    absolute = MiningConfig(top_k=10, rank_window=(2, 8), negatives_per_query=10, margin=0.25, margin_mode="absolute")
+    negs, guarded = select_negatives(scores, docs, {"d3": 1}, 1.0, absolute, random.Random(0))
+    assert sorted(negs) == ["d4", "d5", "d6", "d7"] and guarded == 2  # >= 0.75 skipped
+    few = MiningConfig(top_k=10, rank_window=(2, 8), negatives_per_query=2, margin=0.85)
+    assert len(select_negatives(scores, docs, {}, 1.0, few, random.Random(0))[0]) == 2
+
+
+def toy(n_q=12, n_d=30, dim=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    d = F.normalize(torch.randn(n_d, dim, generator=gen), dim=-1)
+    doc_ids = [f"d{i}" for i in range(n_d)]
+    qids = [f"q{i}" for i in range(n_q)]
+    # query i is a noisy copy of its positive passage i; passages 0..n_q-1 are each some query's positive
+    q = F.normalize(d[:n_q] + 0.3 * torch.randn(n_q, dim, generator=gen), dim=-1)
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(n_q)}
+    queries = {k: f"query {k}" for k in qids}
+    corpus = {k: f"passage {k}" for k in doc_ids}
+    return q, d, qids, doc_ids, queries, corpus, qrels
+
+
+def test_mined_records_exclude_positives_and_use_the_right_neg_q():
+    q, d, qids, doc_ids, queries, corpus, qrels = toy()
+    cfg = MiningConfig(top_k=30, rank_window=(1, 30), negatives_per_query=5, margin=1.5)
+    records, stats = mine(q, d, qids, doc_ids, queries, corpus, qrels, cfg)
+    assert records and stats.written == len(records)
+    owner = {corpus[f"d{i}"]: queries[f"q{i}"] for i in range(12)}
+    for r in records:
+        assert not set(r["neg"]) & set(r["pos"])
+        assert len(r["neg"]) == len(r["neg_q"])
+        for neg, nq in zip(r["neg"], r["neg_q"]):
+            assert owner[neg] == nq  # the query whose positive this negative is
+    # passages 12..29 have no judged query: with generator "none" they are dropped and counted
+    assert stats.negatives_dropped > 0 and stats.neg_q_from_qrels == stats.negatives
+    again, _ = mine(q, d, qids, doc_ids, queries, corpus, qrels, cfg)
+    assert again == records  # same seed, same file
+    other, _ = mine(q, d, qids, doc_ids, queries, corpus, qrels, cfg.model_copy(update={"seed": 99}))
+    assert other != records
+
+
+class FakeLLM(BaseHTTPRequestHandler):
+    hits: dict[str, int] = {}
+    behaviour = "ok"  # ok | fail_once | slow_once
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        n = FakeLLM.hits[prompt] = FakeLLM.hits.get(prompt, 0) + 1
+        if FakeLLM.behaviour == "fail_once" and n == 1:
+            self.send_response(500)
+            self.end_headers()
+            return
+        if FakeLLM.behaviour == "slow_once" and n == 1:
+            time.sleep(1.5)
+        passage = prompt.rsplit("\n", 1)[-1]
+        out = json.dumps({"choices": [{"message": {"content": f"what is in {passage}?"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def llm_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeLLM)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FakeLLM.hits = {}
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("behaviour", ["ok", "fail_once", "slow_once"])
+def test_generator_over_http_retries_times_out_and_caches(llm_server, tmp_path, behaviour):
+    FakeLLM.behaviour = behaviour
+    cfg = GeneratorConfig(kind="openai", base_url=llm_server, model="m", concurrency=2, max_retries=2, timeout_s=0.5,
+                          cache_dir=str(tmp_path / "cache"), prompt="Query for:\n{passage}")
+    gen = QueryGenerator(cfg)
+    out = gen.generate_many(["p1", "p2", "p3"])
+    assert out == ["what is in p1?", "what is in p2?", "what is in p3?"]
+    expected_requests = 3 if behaviour == "ok" else 6  # each prompt's first answer fails or times out once
+    assert gen.requests == expected_requests and sum(FakeLLM.hits.values()) == expected_requests
+    again = QueryGenerator(cfg)
+    assert again.generate_many(["p1", "p2", "p3"]) == out
+    assert again.requests == 0 and again.cache_hits == 3  # a re-run never pays twice
+    assert sum(FakeLLM.hits.values()) == expected_requests
+
+
+def test_mining_with_generator_fills_unknown_neg_q(llm_server, tmp_path):
+    FakeLLM.behaviour = "ok"
+    q, d, qids, doc_ids, queries, corpus, qrels = toy()
+    cfg = MiningConfig(top_k=30, rank_window=(1, 30), negatives_per_query=5, margin=1.5,
+                       generator=GeneratorConfig(kind="openai", base_url=llm_server, cache_dir=str(tmp_path / "c"),
+                                                 prompt="Query for:\n{passage}"))
+    records, stats = mine(q, d, qids, doc_ids, queries, corpus, qrels, cfg)
+    assert stats.negatives_dropped == 0 and stats.neg_q_generated > 0
+    assert stats.neg_q_generated + stats.neg_q_from_qrels == stats.negatives == 5 * len(records)
+    generated = [nq for r in records for nq in r["neg_q"] if nq.startswith("what is in")]
+    assert len(generated) == stats.neg_q_generated
+
+
+@pytest.mark.slow
+def test_mine_job_output_validates_and_trains(tmp_path):
+    assets = ROOT / "clp_ray" / "assets" / "ko_help"
+    qrels = tmp_path / "train.tsv"
+    rows = (assets / "qrels" / "dev.tsv").read_text().splitlines() + (assets / "qrels" / "test.tsv").read_text().splitlines()[1:]
+    qrels.write_text("\n".join(rows) + "\n")
+    out, summary = tmp_path / "mined.jsonl", tmp_path / "s.json"
+    p = subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "local", "--model", "tiny",
+                        "--corpus", str(assets / "corpus.jsonl"), "--queries", str(assets / "queries.jsonl"),
+                        "--qrels", str(qrels), "--out", str(out), "--summary", str(summary),
+                        "--set", "mining.margin_mode=absolute", "--set", "mining.margin=0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads(summary.read_text())
+    assert s["written"] > 100 and s["neg_q_from_qrels"] == s["negatives"] and s["negatives_dropped"] > 0
+    check = subprocess.run([sys.executable, "-m", "clp_ray.data", str(out), "--lam", "0.1"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout[-2000:]
+    t = subprocess.run([sys.executable, "jobs/train.py", "--lang", "hi", "--profile", "local", "--set", f"data.train_paths=[{out}]",
+                        "--set", "data.train_group_size=2", "--set", "train.max_steps=2",
+                        "--set", f"train.output_dir={tmp_path / 'o'}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                        "--summary", str(tmp_path / "t.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert t.returncode == 0, t.stderr[-3000:]
+    assert json.loads((tmp_path / "t.json").read_text())["metrics"]["step"] == 2
