@@ -207,6 +207,10 @@ class MiningConfig(_Section):
     margin: float = Field(0.95, ge=0)
     margin_mode: Literal["relative", "absolute"] = "relative"
     seed: int = 13
+    # local: encode and search in this process; ray: Ray Data batch jobs over an actor pool
+    # (`actors` actors, one GPU each when ray.use_gpu), for corpora that need the cluster.
+    engine: Literal["local", "ray"] = "local"
+    actors: int = Field(2, ge=1)
     generator: GeneratorConfig = GeneratorConfig()
 
     @model_validator(mode="after")

@@ -147,12 +147,14 @@ def mine(
     *,
     chunk_size: int = 4096,
     show_progress: bool = False,
+    search: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[list[dict], MiningStats]:
-    """CLP records from embeddings of the training queries (``qids``) and the corpus (``doc_ids``)."""
+    """CLP records from embeddings of the training queries (``qids``) and the corpus (``doc_ids``).
+    ``search``: precomputed top-k (scores, indices), e.g. from :func:`search_with_ray_data`."""
     from clp_ray.evaluation import exact_search
 
     stats = MiningStats(queries=len(qids))
-    scores, idx = exact_search(q_emb, d_emb, cfg.top_k, chunk_size=chunk_size)
+    scores, idx = search if search is not None else exact_search(q_emb, d_emb, cfg.top_k, chunk_size=chunk_size)
     doc_pos = {d: i for i, d in enumerate(doc_ids)}
     relevant_to: dict[str, list[str]] = {}
     for q, rels in qrels.items():
@@ -214,3 +216,83 @@ def write_records(records: list[dict], out: str | os.PathLike, stats: Optional[M
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return Path(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster scale: encoding and search as Ray Data batch jobs (an actor pool; GPUs when present).
+
+
+class _EncodeActor:
+    """Loads the model once per actor and embeds batches of texts."""
+
+    def __init__(self, model_ref: str, max_length: int, batch_size: int):
+        from clp_ray.modeling import load_model_ref
+
+        self.embedder = load_model_ref(model_ref)
+        if torch.cuda.is_available():
+            self.embedder.to("cuda")
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        vecs = self.embedder.encode(list(batch["text"]), batch_size=self.batch_size, max_length=self.max_length)
+        return {"i": batch["i"], "vec": vecs.numpy()}
+
+
+class _SearchActor:
+    """Exact top-k of a batch of query vectors against the whole corpus (shared via the object store)."""
+
+    def __init__(self, corpus, k: int, chunk_size: int):
+        import ray
+
+        # Passed as an ObjectRef so the corpus is stored once in the object store, not per actor.
+        self.corpus = torch.as_tensor(ray.get(corpus) if isinstance(corpus, ray.ObjectRef) else corpus)
+        self.k = k
+        self.chunk_size = chunk_size
+
+    def __call__(self, batch: dict) -> dict:
+        from clp_ray.evaluation import exact_search
+
+        scores, idx = exact_search(torch.as_tensor(batch["vec"]), self.corpus, self.k, chunk_size=self.chunk_size)
+        return {"i": batch["i"], "scores": scores.numpy(), "idx": idx.numpy()}
+
+
+def _collect(ds, n: int, fields: tuple[str, ...]) -> dict:
+    import numpy as np
+
+    out: dict = {}
+    for batch in ds.iter_batches(batch_format="numpy"):
+        for f in fields:
+            if f not in out:
+                out[f] = np.zeros((n, *batch[f].shape[1:]), dtype=batch[f].dtype)
+            out[f][batch["i"]] = batch[f]
+    return out
+
+
+def encode_with_ray_data(model_ref: str, texts: list[str], *, max_length: int, batch_size: int = 64,
+                         concurrency: int = 2, use_gpu: bool = False) -> torch.Tensor:
+    """Embed ``texts`` with a pool of ``concurrency`` actors spread over the Ray cluster; rows
+    come back in input order."""
+    import ray.data
+
+    ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)])
+    out = ds.map_batches(_EncodeActor, fn_constructor_kwargs={"model_ref": model_ref, "max_length": max_length,
+                                                              "batch_size": batch_size},
+                         batch_size=batch_size * 4, batch_format="numpy", concurrency=concurrency,
+                         num_gpus=1 if use_gpu else 0)
+    return torch.from_numpy(_collect(out, len(texts), ("vec",))["vec"])
+
+
+def search_with_ray_data(q_emb: torch.Tensor, d_emb: torch.Tensor, k: int, *, chunk_size: int = 4096,
+                         batch_size: int = 256, concurrency: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k for all queries, query batches spread over an actor pool."""
+    import ray
+    import ray.data
+
+    corpus_ref = ray.put(d_emb.numpy())
+    ds = ray.data.from_items([{"i": i, "vec": v} for i, v in enumerate(q_emb.numpy())])
+    out = ds.map_batches(_SearchActor, fn_constructor_kwargs={"corpus": corpus_ref, "k": min(k, d_emb.shape[0]),
+                                                              "chunk_size": chunk_size},
+                         batch_size=batch_size, batch_format="numpy", concurrency=concurrency)
+    got = _collect(out, q_emb.shape[0], ("scores", "idx"))
+    return torch.from_numpy(got["scores"]), torch.from_numpy(got["idx"])

@@ -22,20 +22,33 @@ log = logging.getLogger("clp_ray.mine")
 def main(args) -> dict:
     from clp_ray.data import validate
     from clp_ray.evaluation import load_beir_files
-    from clp_ray.mining import mine, write_records
+    from clp_ray.mining import encode_with_ray_data, mine, search_with_ray_data, write_records
     from clp_ray.modeling import load_model_ref
 
     cfg = config_from_args(args)
+    m = cfg.mining
     data = load_beir_files(args.corpus, args.queries, args.qrels, name="mining")
-    embedder = load_model_ref(args.model or cfg.model.name_or_path, cfg.model)
+    model_ref = args.model or cfg.model.name_or_path
+    embedder = load_model_ref(model_ref, cfg.model)  # fails early on a bad model reference
     doc_ids, qids = list(data.corpus), list(data.queries)
-    log.info("mining %d queries against %d passages with %s", len(qids), len(doc_ids), args.model)
-    d_emb = embedder.encode([data.corpus[d] for d in doc_ids], batch_size=cfg.eval.batch_size,
-                            max_length=embedder.passage_max_len, show_progress=True, desc="encode corpus")
-    q_emb = embedder.encode([data.queries[q] for q in qids], batch_size=cfg.eval.batch_size,
-                            max_length=embedder.query_max_len, show_progress=True, desc="encode queries")
-    records, stats = mine(q_emb, d_emb, qids, doc_ids, data.queries, data.corpus, data.qrels, cfg.mining,
-                          chunk_size=cfg.eval.chunk_size, show_progress=True)
+    corpus_texts, query_texts = [data.corpus[d] for d in doc_ids], [data.queries[q] for q in qids]
+    log.info("mining %d queries against %d passages with %s (%s engine)", len(qids), len(doc_ids), model_ref, m.engine)
+    search = None
+    if m.engine == "ray":
+        from clp_ray.training import ensure_ray
+
+        ensure_ray(cfg)
+        kw = {"batch_size": cfg.eval.batch_size, "concurrency": m.actors, "use_gpu": cfg.ray.use_gpu}
+        d_emb = encode_with_ray_data(model_ref, corpus_texts, max_length=embedder.passage_max_len, **kw)
+        q_emb = encode_with_ray_data(model_ref, query_texts, max_length=embedder.query_max_len, **kw)
+        search = search_with_ray_data(q_emb, d_emb, m.top_k, chunk_size=cfg.eval.chunk_size, concurrency=m.actors)
+    else:
+        d_emb = embedder.encode(corpus_texts, batch_size=cfg.eval.batch_size, max_length=embedder.passage_max_len,
+                                show_progress=True, desc="encode corpus")
+        q_emb = embedder.encode(query_texts, batch_size=cfg.eval.batch_size, max_length=embedder.query_max_len,
+                                show_progress=True, desc="encode queries")
+    records, stats = mine(q_emb, d_emb, qids, doc_ids, data.queries, data.corpus, data.qrels, m,
+                          chunk_size=cfg.eval.chunk_size, show_progress=True, search=search)
     out = write_records(records, args.out, stats)
     report = validate([str(out)], lam=0.1, group_size=2)  # the file must pass the training validator
     s = stats.to_dict()

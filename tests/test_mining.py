@@ -147,9 +147,42 @@ def test_mine_job_output_validates_and_trains(tmp_path):
     assert s["written"] > 100 and s["neg_q_from_qrels"] == s["negatives"] and s["negatives_dropped"] > 0
     check = subprocess.run([sys.executable, "-m", "clp_ray.data", str(out), "--lam", "0.1"], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout[-2000:]
+    # The same job with encoding and search as Ray Data batch jobs.
+    p = subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "local", "--model", "tiny",
+                        "--corpus", str(assets / "corpus.jsonl"), "--queries", str(assets / "queries.jsonl"),
+                        "--qrels", str(qrels), "--out", str(tmp_path / "ray.jsonl"), "--summary", str(tmp_path / "r.json"),
+                        "--set", "mining.margin_mode=absolute", "--set", "mining.margin=0", "--set", "mining.engine=ray"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert abs(r["written"] - s["written"]) <= 0.05 * s["written"]  # equal up to near-tied scores
     t = subprocess.run([sys.executable, "jobs/train.py", "--lang", "hi", "--profile", "local", "--set", f"data.train_paths=[{out}]",
                         "--set", "data.train_group_size=2", "--set", "train.max_steps=2",
                         "--set", f"train.output_dir={tmp_path / 'o'}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
                         "--summary", str(tmp_path / "t.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert t.returncode == 0, t.stderr[-3000:]
     assert json.loads((tmp_path / "t.json").read_text())["metrics"]["step"] == 2
+
+
+@pytest.mark.slow
+def test_ray_data_encoding_and_search_match_local(tiny_path):
+    import ray
+
+    from clp_ray.config import load_config
+    from clp_ray.evaluation import exact_search, load_beir
+    from clp_ray.mining import encode_with_ray_data, search_with_ray_data
+    from clp_ray.modeling import Embedder
+    from clp_ray.training import ensure_ray
+
+    texts = list(load_beir("pkg://ko_help", "dev").corpus.values())[:200]
+    local = Embedder.from_pretrained(tiny_path).encode(texts, batch_size=32, max_length=128)
+    ensure_ray(load_config("hi", "local"))
+    try:
+        distributed = encode_with_ray_data("tiny", texts, max_length=128, batch_size=32, concurrency=2)
+        s_ray, i_ray = search_with_ray_data(local[:40], local, 10, chunk_size=64, batch_size=16, concurrency=2)
+    finally:
+        ray.shutdown()
+    torch.testing.assert_close(distributed, local, rtol=0, atol=1e-5)
+    s_loc, _ = exact_search(local[:40], local, 10, chunk_size=64)
+    torch.testing.assert_close(s_ray, s_loc, rtol=0, atol=1e-5)
+    torch.testing.assert_close((local[:40] @ local.T).gather(1, i_ray), s_ray, rtol=0, atol=1e-5)  # indices match scores
