@@ -174,7 +174,8 @@ def load_miracl(lang: str, split: str = "dev") -> RetrievalSet:
 
 
 def exact_search(
-    queries: torch.Tensor, corpus: torch.Tensor, k: int, *, chunk_size: int = 4096, query_chunk: int = 1024
+    queries: torch.Tensor, corpus: torch.Tensor, k: int, *, chunk_size: int = 4096, query_chunk: int = 1024,
+    show_progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner-product search over the full corpus, in blocks.
 
@@ -184,7 +185,12 @@ def exact_search(
     n = corpus.shape[0]
     k = min(k, n)
     all_scores, all_idx = [], []
-    for qs in range(0, queries.shape[0], query_chunk):
+    starts = range(0, queries.shape[0], query_chunk)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="search", unit="query block")
+    for qs in starts:
         q = queries[qs : qs + query_chunk]
         best_s = torch.full((q.shape[0], 0), -math.inf, dtype=torch.float32)
         best_i = torch.zeros((q.shape[0], 0), dtype=torch.long)

@@ -154,7 +154,8 @@ def mine(
     from clp_ray.evaluation import exact_search
 
     stats = MiningStats(queries=len(qids))
-    scores, idx = search if search is not None else exact_search(q_emb, d_emb, cfg.top_k, chunk_size=chunk_size)
+    scores, idx = search if search is not None else exact_search(q_emb, d_emb, cfg.top_k, chunk_size=chunk_size,
+                                                                 show_progress=show_progress)
     doc_pos = {d: i for i, d in enumerate(doc_ids)}
     relevant_to: dict[str, list[str]] = {}
     for q, rels in qrels.items():

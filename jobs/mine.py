@@ -2,6 +2,7 @@
 
     python jobs/mine.py --lang hi --model M --corpus corpus.jsonl --queries queries.jsonl \\
         --qrels qrels/train.tsv --out train.jsonl [--summary FILE] [--set mining.rank_window=[10,100]]
+    python jobs/mine.py --lang hi --model M --data miracl://hi --split train --out train.jsonl   # or a BEIR folder
 
 M: a hub id, a local folder, `tiny`, or models:/<name>@<alias>. Settings: the `mining` config section.
 """
@@ -21,13 +22,19 @@ log = logging.getLogger("clp_ray.mine")
 
 def main(args) -> dict:
     from clp_ray.data import validate
-    from clp_ray.evaluation import load_beir_files
+    from clp_ray.errors import ClpRayError
+    from clp_ray.evaluation import load_beir, load_beir_files
     from clp_ray.mining import encode_with_ray_data, mine, search_with_ray_data, write_records
     from clp_ray.modeling import load_model_ref
 
     cfg = config_from_args(args)
     m = cfg.mining
-    data = load_beir_files(args.corpus, args.queries, args.qrels, name="mining")
+    if args.data:
+        data = load_beir(args.data, args.split)
+    elif args.corpus and args.queries and args.qrels:
+        data = load_beir_files(args.corpus, args.queries, args.qrels, name="mining")
+    else:
+        raise ClpRayError("give --data DIR|miracl://<lang> [--split train], or all of --corpus, --queries and --qrels")
     model_ref = args.model or cfg.model.name_or_path
     embedder = load_model_ref(model_ref, cfg.model)  # fails early on a bad model reference
     doc_ids, qids = list(data.corpus), list(data.queries)
@@ -62,9 +69,11 @@ def main(args) -> dict:
 def parser():
     ap = experiment_parser(__doc__.splitlines()[0])
     ap.add_argument("--model", help="model to mine with (default: model.name_or_path)")
-    ap.add_argument("--corpus", required=True)
-    ap.add_argument("--queries", required=True)
-    ap.add_argument("--qrels", required=True, help="judgements of the training queries (BEIR TSV)")
+    ap.add_argument("--data", help="BEIR folder or miracl://<lang> (the evaluation loaders); or the three files below")
+    ap.add_argument("--split", default="train", help="qrels split with --data (default: train)")
+    ap.add_argument("--corpus", help="corpus.jsonl")
+    ap.add_argument("--queries", help="queries.jsonl")
+    ap.add_argument("--qrels", help="judgements of the training queries (BEIR TSV)")
     ap.add_argument("--out", required=True, help="CLP JSONL to write (atomically)")
     return ap
 

@@ -186,3 +186,22 @@ def test_ray_data_encoding_and_search_match_local(tiny_path):
     s_loc, _ = exact_search(local[:40], local, 10, chunk_size=64)
     torch.testing.assert_close(s_ray, s_loc, rtol=0, atol=1e-5)
     torch.testing.assert_close((local[:40] @ local.T).gather(1, i_ray), s_ray, rtol=0, atol=1e-5)  # indices match scores
+
+
+def test_mine_job_inputs_and_errors(tmp_path):
+    def job(*args, env=None):
+        import os
+
+        return subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "local", "--model", "tiny",
+                               "--out", str(tmp_path / "o.jsonl"), *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, **(env or {})})
+
+    p = job()
+    assert p.returncode == 2 and "give --data DIR|miracl://<lang>" in p.stderr
+    p = job("--data", "miracl://hi", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert p.returncode == 2 and "cannot load MIRACL 'hi' split 'train' from the Hugging Face hub" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = job("--data", "pkg://ko_help", "--split", "dev", "--set", "mining.margin_mode=absolute", "--set", "mining.margin=0",
+            "--summary", str(tmp_path / "s.json"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "s.json").read_text())["written"] > 0
