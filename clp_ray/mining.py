@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -45,10 +45,9 @@ class MiningStats:
     candidates_guarded: int = 0  # skipped by the false-negative margin
     generator_requests: int = 0
     generator_cache_hits: int = 0
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        d = dict(self.__dict__)
         d["negatives_per_query"] = self.negatives / self.written if self.written else 0.0
         return d
 

@@ -220,14 +220,15 @@ def load_model_ref(ref: str, model_cfg=None) -> Embedder:
     if ref == "tiny":
         from clp_ray.config import ModelConfig
 
-        ref_path: str | Path = tiny_model_path((model_cfg or ModelConfig()).tiny)
-    else:
-        ref_path = ref
-        looks_local = ref.startswith((".", "/", "~")) or os.sep in ref and Path(ref).exists()
-        if looks_local and not Path(ref).expanduser().is_dir():
+        source: str | Path = tiny_model_path((model_cfg or ModelConfig()).tiny)
+    elif ref.startswith((".", "/", "~")):  # a local folder, never a hub id
+        source = Path(ref).expanduser()
+        if not source.is_dir():
             raise ClpRayError(f"model folder {ref} not found")
+    else:
+        source = ref  # a hub id, or a relative folder that exists
     try:
-        return Embedder.from_pretrained(Path(ref_path).expanduser() if isinstance(ref_path, Path) or ref.startswith("~") else ref_path)
+        return Embedder.from_pretrained(source)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClpRayError(f"cannot load model {ref!r}: {first}") from None

@@ -360,17 +360,15 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
     from clp_ray.modeling import Embedder
     from clp_ray.plots import write_sweep_plots
     from clp_ray.tracking import (
-        Tracker,
         git_commit,
         load_registered_embedder,
         log_embedder_model,
         metric_key,
         promote_if_better,
         registered_model_name,
-        start_run,
-        tracking_uri,
+        resume_or_start_run,
     )
-    from clp_ray.training import ensure_ray, prepare
+    from clp_ray.training import check_resources, ensure_ray, prepare
 
     name = sweep_name(cfg)
     # Everything that can fail on user input fails here, before any cluster work.
@@ -381,23 +379,17 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         raise ConfigError("eval.data_dir is not set: the best trial is evaluated on its held-out test split")
     test_set = load_beir(cfg.eval.data_dir, cfg.eval.test_split)
     ensure_ray(cfg)
-    from clp_ray.training import check_resources
-
     check_resources(cfg)
 
-    id_file = Path(cfg.train.output_dir).resolve() / name / "mlflow_parent_run_id"
-    parent = None
-    if id_file.exists() and not fresh:
-        parent = Tracker(tracking_uri(cfg), id_file.read_text().strip())
-        parent.client.update_run(parent.run_id, status="RUNNING")
-    else:
-        parent = start_run(cfg, name, tags={"clp_ray.kind": "sweep", "clp_ray.data_hash": prep.data_hash,
-                                            "clp_ray.git_commit": git_commit()})
-        parent.log_params({**{f"search.{k}": v for k, v in cfg.search.model_dump().items()},
-                           "model.name_or_path": cfg.model.name_or_path, "data.content_hash": prep.data_hash})
-        parent.log_text(cfg.to_yaml(), "config.yaml")
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(parent.run_id)
+    def on_start(tracker) -> None:
+        tracker.log_params({**{f"search.{k}": v for k, v in cfg.search.model_dump().items()},
+                            "model.name_or_path": cfg.model.name_or_path, "data.content_hash": prep.data_hash})
+        tracker.log_text(cfg.to_yaml(), "config.yaml")
+
+    parent = resume_or_start_run(
+        cfg, Path(cfg.train.output_dir).resolve() / name / "mlflow_parent_run_id", name, resume=not fresh,
+        tags={"clp_ray.kind": "sweep", "clp_ray.data_hash": prep.data_hash, "clp_ray.git_commit": git_commit()},
+        on_start=on_start)
     log.info("sweep %s: %d trials, MLflow parent run %s", name, cfg.search.num_samples, parent.run_id)
     try:
         trials, _ = run_sweep(cfg, fresh=fresh, parent_tracker=parent, prep=prep)

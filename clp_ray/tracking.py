@@ -119,6 +119,26 @@ def start_run(cfg: ExperimentConfig, run_name: str, *, tags: Optional[dict] = No
     return Tracker(uri, run.info.run_id)
 
 
+def resume_or_start_run(cfg: ExperimentConfig, id_file: Path, run_name: str, *, tags: dict,
+                        on_start: Callable[[Tracker], None], resume: bool = True) -> Tracker:
+    """Continue the MLflow run whose id ``id_file`` remembers (a re-run of the same training or
+    sweep), or start one, let ``on_start`` log its params/artifacts, and remember its id."""
+    from mlflow.exceptions import MlflowException
+
+    if resume and id_file.exists():
+        tracker = Tracker(tracking_uri(cfg), id_file.read_text().strip())
+        try:
+            tracker.client.update_run(tracker.run_id, status="RUNNING")
+            return tracker
+        except MlflowException:
+            log.warning("MLflow run %s from %s not found; starting a new one", tracker.run_id, id_file)
+    tracker = start_run(cfg, run_name, tags=tags)
+    on_start(tracker)
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(tracker.run_id)
+    return tracker
+
+
 def start_run_retrying(cfg: ExperimentConfig, run_name: str, *, attempts: int = 8, **kw) -> Tracker:
     """start_run, retried: concurrent trials writing one SQLite file can hit 'database is locked'."""
     import random

@@ -287,6 +287,11 @@ def train_worker(config: dict) -> None:
         if tracker:
             tracker.log_metrics({f"{k}_init": v for k, v in state["dev_init"].items()}, step=0)
 
+    def report_metrics(final: bool, **extra) -> dict[str, Any]:
+        return {**run_eval(), "step": state["global_step"], "final": final, "attempt": state["attempt"],
+                "resumed_from_step": resumed_from, **extra,
+                **{f"{k}_init": v for k, v in (state["dev_init"] or {}).items()}}
+
     def save_and_report(metrics: dict, final: bool) -> None:
         with tempfile.TemporaryDirectory(prefix="clp-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag=CKPT_TAG)
@@ -347,18 +352,14 @@ def train_worker(config: dict) -> None:
             t_window = time.perf_counter()
         final = state["micro_step"] >= total_micro
         if step % eval_every == 0 or final:
-            last_metrics = {**run_eval(), "step": step, "epoch": epoch, "final": final, "attempt": state["attempt"],
-                            "resumed_from_step": resumed_from, "train_loss": float(loss.detach()),
-                            **{f"{k}_init": v for k, v in (state["dev_init"] or {}).items()}}
+            last_metrics = report_metrics(final, epoch=epoch, train_loss=float(loss.detach()))
             if tracker:
                 tracker.log_metrics({k: v for k, v in last_metrics.items() if k.startswith("dev_")}, step=step)
             save_and_report(last_metrics, final)
     if not last_metrics.get("final"):
         # Resumed from a finished run's last checkpoint: nothing left to train; report once so the
         # run has a final checkpoint with the model in it.
-        last_metrics = {**run_eval(), "step": state["global_step"], "final": True, "attempt": state["attempt"],
-                        "resumed_from_step": resumed_from,
-                        **{f"{k}_init": v for k, v in (state["dev_init"] or {}).items()}}
+        last_metrics = report_metrics(True)
         save_and_report(last_metrics, True)
 
 
@@ -533,28 +534,17 @@ def explain_failure(e: BaseException) -> str:
 
 def open_tracking(prep: PreparedRun):
     """The MLflow run of this training; a re-run of the same run name continues the same MLflow run."""
-    from mlflow.exceptions import MlflowException
-
-    from clp_ray.tracking import Tracker, start_run, tracking_uri
+    from clp_ray.tracking import resume_or_start_run
 
     cfg = prep.cfg
-    id_file = Path(cfg.train.output_dir).resolve() / prep.name / "mlflow_run_id"
-    uri = tracking_uri(cfg)
-    if id_file.exists():
-        tracker = Tracker(uri, id_file.read_text().strip())
-        try:
-            tracker.client.get_run(tracker.run_id)
-            tracker.client.update_run(tracker.run_id, status="RUNNING")
-            return tracker
-        except MlflowException:
-            log.warning("MLflow run %s from %s not found; starting a new one", tracker.run_id, id_file)
-    tracker = start_run(cfg, prep.name, tags={"clp_ray.data_hash": prep.data_hash, "clp_ray.kind": "train"})
-    tracker.log_params(cfg.flat())
-    tracker.log_text(cfg.to_yaml(), "config.yaml")
-    tracker.log_text(json.dumps(prep.data_report, indent=2), "data_report.json")
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(tracker.run_id)
-    return tracker
+
+    def on_start(tracker) -> None:
+        tracker.log_params(cfg.flat())
+        tracker.log_text(cfg.to_yaml(), "config.yaml")
+        tracker.log_text(json.dumps(prep.data_report, indent=2), "data_report.json")
+
+    return resume_or_start_run(cfg, Path(cfg.train.output_dir).resolve() / prep.name / "mlflow_run_id", prep.name,
+                               tags={"clp_ray.data_hash": prep.data_hash, "clp_ray.kind": "train"}, on_start=on_start)
 
 
 def run_training(cfg: ExperimentConfig) -> TrainResult:
