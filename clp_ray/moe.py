@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clp_ray.grouped_linear import grouped_linear
+
 Site = Literal["intermediate", "output"]
 TrainOnly = Literal["moe", "ffn", "all"]
 
@@ -145,8 +147,7 @@ class MoEFeedForward(nn.Module):
         h = x.reshape(-1, self.in_features)
         logits, probs, top_i, gates = self.route(h)
         st = self.top_k == 1 and self.top1_gate == "straight_through"
-        top1_probs = probs.gather(1, top_i).squeeze(1) if st else None
-        out = dispatch(h, top_i, gates.to(h.dtype), self.experts, self.out_features, top1_probs=top1_probs)
+        out = dispatch(h, top_i, gates, self.experts, self.out_features, unit_gates=st)
         self.aux = self._aux(logits, probs, top_i, lead)
         return out.reshape(*lead, self.out_features)
 
@@ -168,68 +169,6 @@ class MoEFeedForward(nn.Module):
         return RouterAux(balance, z, frac.detach(), entropy.detach(), n)
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` for a permutation; the backward is a scatter into an uninitialised buffer
-    (no zero fill + scatter-add as for a general gather)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(perm)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (perm,) = ctx.saved_tensors
-        return torch.empty_like(grad).index_copy_(0, perm, grad), None
-
-
-class _Top1StraightThroughCombine(torch.autograd.Function):
-    """Scatter sorted expert outputs back to token order, gated by ``p / stopgrad(p)``.
-
-    Forward: ``out[order[j]] = ys_sorted[j]`` (the gate is exactly 1). Backward: the expert outputs
-    get ``grad[order]`` and the router probability ``p_t`` gets ``<grad_t, y_t> / p_t`` -- the
-    gradient of ``y_t * p_t / stopgrad(p_t)``. One function instead of cat + gate multiply + gather
-    saves three passes over the [tokens, out_features] activations, which on a CPU cost more than
-    the routing itself; the backward gathers the gradient in cache-sized row blocks and takes the
-    router dot products while each block is still in cache.
-    """
-
-    BLOCK = 64  # rows per block: 64 x 4096 fp32 = 1 MiB
-
-    @staticmethod
-    def forward(ctx, order: torch.Tensor, p: torch.Tensor, *ys: torch.Tensor) -> torch.Tensor:
-        out = ys[0].new_empty(order.shape[0], ys[0].shape[1])
-        start = 0
-        for y in ys:
-            out.index_copy_(0, order[start : start + y.shape[0]], y)
-            start += y.shape[0]
-        ctx.save_for_backward(order, p, *ys)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        order, p, *ys = ctx.saved_tensors
-        grad = grad.contiguous()
-        want_p = ctx.needs_input_grad[1]
-        grad_sorted = grad.new_empty(grad.shape)
-        dots = torch.empty(order.shape[0], dtype=grad.dtype, device=grad.device) if want_p else None
-        start = 0
-        for y in ys:
-            for r in range(0, y.shape[0], _Top1StraightThroughCombine.BLOCK):
-                lo, hi = start + r, start + min(r + _Top1StraightThroughCombine.BLOCK, y.shape[0])
-                block = grad_sorted[lo:hi]
-                torch.index_select(grad, 0, order[lo:hi], out=block)
-                if want_p:
-                    dots[lo:hi] = torch.linalg.vecdot(block, y[r : r + hi - lo])
-            start += y.shape[0]
-        grad_p = None
-        if want_p:
-            grad_p = torch.empty_like(p)
-            grad_p[order] = dots.to(p.dtype)
-            grad_p = grad_p / p.detach()
-        return (None, grad_p, *grad_sorted.split([y.shape[0] for y in ys]))
-
-
 def dispatch(
     h: torch.Tensor,
     top_i: torch.Tensor,
@@ -237,34 +176,26 @@ def dispatch(
     experts: nn.ModuleList,
     out_features: int,
     *,
-    top1_probs: Optional[torch.Tensor] = None,
+    unit_gates: bool = False,
 ) -> torch.Tensor:
     """Vectorised dispatch: sort the (token, slot) pairs by expert, run each expert once on its
-    contiguous slice, weight by the gate and scatter back. No loop over tokens.
+    contiguous rows and scatter the gated outputs back (:func:`clp_ray.grouped_linear.grouped_linear`).
+    No loop over tokens.
 
-    ``top1_probs`` (top-1 straight-through only): the chosen experts' probabilities; the gate is then
-    applied inside the scatter (forward value exactly ``E_i(x)``), see ``_Top1StraightThroughCombine``.
+    ``unit_gates`` (top-1 straight-through): the gates are ``p / stopgrad(p)``, exactly 1, so the
+    forward skips the multiply while the router still gets its gradient.
     """
     n, k = top_i.shape
     flat_e = top_i.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
+    # Every expert is in the grouped call, even with zero rows: its parameters then get a zero
+    # gradient instead of None, so data-parallel gradient buckets have the same size on every rank.
     counts = torch.bincount(flat_e, minlength=len(experts)).tolist()
-    if k == 1:
-        xs = _PermuteRows.apply(h, order)
-        # Every expert runs, even on zero rows: its parameters then get a zero gradient instead of
-        # None, so data-parallel gradient buckets have the same size on every rank.
-        ys = [experts[e](chunk) for e, chunk in enumerate(xs.split(counts))]
-        if top1_probs is not None:
-            return _Top1StraightThroughCombine.apply(order, top1_probs, *ys)
-        ys_sorted = torch.cat(ys) * gates.reshape(-1)[order].unsqueeze(-1)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(n, device=order.device)
-        return _PermuteRows.apply(ys_sorted, inverse)
-    token_of = order // k  # which token each sorted slot came from
-    xs = h.index_select(0, token_of)
-    ys = torch.cat([experts[e](chunk) for e, chunk in enumerate(xs.split(counts))])
-    ys = ys * gates.reshape(-1)[order].unsqueeze(-1)
-    return torch.zeros(n, out_features, dtype=ys.dtype, device=ys.device).index_add_(0, token_of, ys)
+    slot_token = order // k if k > 1 else order
+    return grouped_linear(
+        h, slot_token, counts, gates.reshape(-1)[order],
+        [ex.weight for ex in experts], [ex.bias for ex in experts], unit_gates=unit_gates,
+    )
 
 
 def dispatch_naive(

@@ -221,7 +221,7 @@ def train_worker(config: dict) -> None:
     )
     from clp_ray.evaluation import evaluate
     from clp_ray.modeling import load_embedder
-    from clp_ray.moe import apply_train_only, trainable_parameters
+    from clp_ray.moe import apply_train_only, moe_layers, trainable_parameters
     from clp_ray.tracking import Tracker
 
     cfg = ExperimentConfig.model_validate(config["cfg"])
@@ -255,6 +255,12 @@ def train_worker(config: dict) -> None:
     opt_per_epoch = max(1, micro_per_epoch // accum)
     eval_every = t_cfg.eval_every_steps or opt_per_epoch
 
+    if config["ds_config"]["zero_optimization"]["stage"] == 3:
+        # The MoE layer reads its experts' weights itself (clp_ray.grouped_linear) instead of calling
+        # the expert modules: ZeRO-3 must gather them whenever the MoE layer runs.
+        for _, layer in moe_layers(module):
+            for p in layer.experts.parameters():
+                deepspeed.zero.register_external_parameter(layer, p)
     optimizer = torch.optim.AdamW(trainable_parameters(module), lr=t_cfg.learning_rate, weight_decay=t_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_opt, t_cfg.warmup_ratio))
     engine, optimizer, _, scheduler = deepspeed.initialize(
