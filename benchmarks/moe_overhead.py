@@ -94,6 +94,7 @@ CACHING_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--allocator", choices=["caching", "system"], default="caching")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's choice)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=2048)
@@ -102,6 +103,8 @@ def main() -> None:
     if args.allocator == "caching" and any(os.environ.get(k) != v for k, v in CACHING_MALLOC.items()):
         # glibc reads these only at process start.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CACHING_MALLOC})
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     up, down = nn.Linear(args.hidden, args.intermediate), nn.Linear(args.intermediate, args.hidden)
     x = torch.randn(args.tokens, args.hidden, requires_grad=True)
