@@ -91,10 +91,17 @@ def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
 CACHING_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(1 << 30)}
 
 
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--allocator", choices=["caching", "system"], default="caching")
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's choice)")
+    ap.add_argument("--threads", type=non_negative, default=0, metavar="N", help="intra-op threads (default 0: torch's choice)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=2048)

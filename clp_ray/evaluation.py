@@ -98,11 +98,11 @@ def load_beir_files(corpus_file: str | os.PathLike, queries_file: str | os.PathL
                     name: str = "") -> RetrievalSet:
     """BEIR-format files named one by one (``corpus.jsonl``, ``queries.jsonl``, a qrels TSV)."""
     corpus_file, queries_file, qrels_file = Path(corpus_file), Path(queries_file), Path(qrels_file)
+    if not qrels_file.is_file():
+        raise DataError(f"{qrels_file}: qrels file not found")
     corpus = {str(r["_id"]): " ".join(t for t in (r.get("title") or "", r.get("text") or "") if t).strip()
               for r in _read_jsonl(corpus_file, "corpus")}
     all_queries = {str(r["_id"]): r.get("text") or "" for r in _read_jsonl(queries_file, "queries")}
-    if not qrels_file.is_file():
-        raise DataError(f"{qrels_file}: qrels file not found")
     qrels: dict[str, dict[str, int]] = {}
     unknown_q: set[str] = set()
     unknown_d: set[str] = set()

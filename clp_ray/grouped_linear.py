@@ -26,6 +26,7 @@ gradient hook then fires before this backward has run.)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Optional
 
 import torch
@@ -41,7 +42,7 @@ class _GroupedLinear(torch.autograd.Function):
         # k == 1: every token has one slot, so the experts' rows land on disjoint output rows and
         # are copied straight in; k > 1: a token's slots sit with several experts and are summed.
         out = x.new_empty(n_tokens, weights[0].shape[0]) if k == 1 else x.new_zeros(n_tokens, weights[0].shape[0])
-        bounds = _bounds(counts)
+        bounds = list(accumulate(counts, initial=0))
         for e in range(len(counts)):
             lo, hi = bounds[e], bounds[e + 1]
             w = weights[e].to(x.dtype)
@@ -75,7 +76,7 @@ class _GroupedLinear(torch.autograd.Function):
         grad_gates = torch.empty_like(gates) if need_gates else None
         grad_w: list[Optional[torch.Tensor]] = [None] * len(weights)
         grad_b: list[Optional[torch.Tensor]] = [None] * len(biases)
-        bounds = _bounds(ctx.counts)
+        bounds = list(accumulate(ctx.counts, initial=0))
         for e in range(len(ctx.counts)):
             lo, hi = bounds[e], bounds[e + 1]
             x_e = xs[lo:hi]
@@ -102,13 +103,6 @@ class _GroupedLinear(torch.autograd.Function):
             if biases and need_b[e]:
                 grad_b[e] = g.sum(0).to(biases[e].dtype)
         return (grad_x, None, grad_gates, None, None, None, *grad_w, *grad_b)
-
-
-def _bounds(counts: Sequence[int]) -> list[int]:
-    out = [0]
-    for c in counts:
-        out.append(out[-1] + c)
-    return out
 
 
 def grouped_linear(

@@ -58,12 +58,12 @@ def select_negatives(
 ) -> tuple[list[str], int]:
     """Negatives for one query from its ranked list (best first). Returns (negatives, guarded count)."""
     lo, hi = cfg.rank_window
+    limit = pos_score * cfg.margin if cfg.margin_mode == "relative" else pos_score - cfg.margin
     guarded = 0
     candidates = []
     for rank, (doc, score) in enumerate(zip(doc_ids, scores), 1):
         if rank < lo or rank > hi or positives.get(doc, 0) > 0:
             continue
-        limit = pos_score * cfg.margin if cfg.margin_mode == "relative" else pos_score - cfg.margin
         if score >= limit:
             guarded += 1
             continue

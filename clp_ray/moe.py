@@ -147,7 +147,7 @@ class MoEFeedForward(nn.Module):
         h = x.reshape(-1, self.in_features)
         logits, probs, top_i, gates = self.route(h)
         st = self.top_k == 1 and self.top1_gate == "straight_through"
-        out = dispatch(h, top_i, gates, self.experts, self.out_features, unit_gates=st)
+        out = dispatch(h, top_i, gates, self.experts, unit_gates=st)
         self.aux = self._aux(logits, probs, top_i, lead)
         return out.reshape(*lead, self.out_features)
 
@@ -174,7 +174,6 @@ def dispatch(
     top_i: torch.Tensor,
     gates: torch.Tensor,
     experts: nn.ModuleList,
-    out_features: int,
     *,
     unit_gates: bool = False,
 ) -> torch.Tensor:

@@ -83,10 +83,6 @@ class SearchSpace:
             trial.suggest_int("moe_layer", 0, self.last_start)
 
 
-def make_space(cfg: ExperimentConfig, num_layers: int) -> SearchSpace:
-    return SearchSpace(cfg, num_layers)
-
-
 def points_to_evaluate(cfg: ExperimentConfig, num_layers: int) -> list[dict]:
     """The paper's setting (clipped into the configured bounds), learning rate from ``train``."""
     s = cfg.search
@@ -149,8 +145,7 @@ def run_trial(config: dict, base: dict, sweep: dict) -> None:
             tracker.set_tags({"clp_ray.status": "errored", "clp_ray.error": explain_failure(e)})
             tracker.end("FAILED")
         raise RuntimeError(explain_failure(e)) from None
-    if tracker:
-        tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("dev_")}, step=int(result.metrics.get("step", 0)))
+    if tracker:  # its dev metrics were logged by the training run's rank 0
         tracker.set_tags({"clp_ray.status": "completed", "clp_ray.model_path": result.model_path or ""})
         tracker.end("FINISHED")
 
@@ -269,8 +264,8 @@ def summarize(results) -> list[TrialSummary]:
     return out
 
 
-def run_sweep(cfg: ExperimentConfig, *, fresh: bool = False, parent_tracker=None, prep=None) -> tuple[list[TrialSummary], str]:
-    """Run (or resume) the sweep; returns the trial summaries and the sweep name."""
+def run_sweep(cfg: ExperimentConfig, *, fresh: bool = False, parent_tracker=None, prep=None) -> list[TrialSummary]:
+    """Run (or resume) the sweep ``sweep_name(cfg)``; returns the trial summaries."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -304,7 +299,7 @@ def run_sweep(cfg: ExperimentConfig, *, fresh: bool = False, parent_tracker=None
         # Callbacks are not part of the saved state: attach them again.
         tuner._local_tuner._run_config.callbacks = callbacks
     else:
-        searcher = OptunaSearch(make_space(cfg, layers), metric=METRIC, mode="max",
+        searcher = OptunaSearch(SearchSpace(cfg, layers), metric=METRIC, mode="max",
                                 points_to_evaluate=points_to_evaluate(cfg, layers), seed=cfg.search.seed)
         # max_t one past the last report: the scheduler never stops a trial at its final report,
         # so the trial finishes its own bookkeeping.
@@ -323,7 +318,7 @@ def run_sweep(cfg: ExperimentConfig, *, fresh: bool = False, parent_tracker=None
     if finished < cfg.search.num_samples:
         raise ClpRayError(f"sweep {name} stopped with {finished} of {cfg.search.num_samples} trials finished; "
                           "re-run the same command to resume it")
-    return summarize(results), name
+    return summarize(results)
 
 
 def _evals_per_trial(cfg: ExperimentConfig, prep) -> int:
@@ -392,7 +387,7 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         on_start=on_start)
     log.info("sweep %s: %d trials, MLflow parent run %s", name, cfg.search.num_samples, parent.run_id)
     try:
-        trials, _ = run_sweep(cfg, fresh=fresh, parent_tracker=parent, prep=prep)
+        trials = run_sweep(cfg, fresh=fresh, parent_tracker=parent, prep=prep)
         completed = [t for t in trials if t.status == "completed" and t.model_path]
         if not completed:
             raise ClpRayError(f"no trial of sweep {name} completed ({', '.join(f'{t.trial_id}: {t.status}' for t in trials)})")

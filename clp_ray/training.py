@@ -255,7 +255,8 @@ def train_worker(config: dict) -> None:
     opt_per_epoch = max(1, micro_per_epoch // accum)
     eval_every = t_cfg.eval_every_steps or opt_per_epoch
 
-    if config["ds_config"]["zero_optimization"]["stage"] == 3:
+    stage3 = config["ds_config"]["zero_optimization"]["stage"] == 3
+    if stage3:
         # The MoE layer reads its experts' weights itself (clp_ray.grouped_linear) instead of calling
         # the expert modules: ZeRO-3 must gather them whenever the MoE layer runs.
         for _, layer in moe_layers(module):
@@ -265,7 +266,6 @@ def train_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_opt, t_cfg.warmup_ratio))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config["ds_config"])
-    stage3 = config["ds_config"]["zero_optimization"]["stage"] == 3
 
     state = {"micro_step": 0, "global_step": 0, "attempt": 0, "dev_init": None}
     checkpoint = ray.train.get_checkpoint()
@@ -309,7 +309,7 @@ def train_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     engine.train()
-    window = {"loss": 0.0, "contrastive": 0.0, "penalty": 0.0, "router_loss": 0.0, "n": 0, "tokens": 0, "examples": 0}
+    window = dict.fromkeys(("loss", "contrastive", "penalty", "router_loss", "n", "tokens", "examples"), 0)
     t_window = time.perf_counter()
     batches: list[list[int]] = []
     batches_epoch = -1
@@ -354,7 +354,6 @@ def train_worker(config: dict) -> None:
                 "train/tokens_per_s": window["tokens"] / dt, **stats,
             }, step=step)
             window = dict.fromkeys(window, 0)
-            window.update(loss=0.0, contrastive=0.0, penalty=0.0, router_loss=0.0)
             t_window = time.perf_counter()
         final = state["micro_step"] >= total_micro
         if step % eval_every == 0 or final:
@@ -441,13 +440,13 @@ def check_resources(cfg: ExperimentConfig) -> None:
     import ray
 
     r = cfg.ray
+    if r.autoscaling:
+        return
     need = {"CPU": r.num_workers * r.cpus_per_worker}
     if r.use_gpu:
         need["GPU"] = r.num_workers * max(r.gpus_per_worker, 1)
     for k, v in r.resources_per_worker.items():
         need[k] = need.get(k, 0) + r.num_workers * v
-    if r.autoscaling:
-        return
     have = ray.cluster_resources()
     short = [f"{v:g} {k} (cluster has {have.get(k, 0):g})" for k, v in need.items() if v > have.get(k, 0) + 1e-9]
     if short:
@@ -572,7 +571,5 @@ def run_training(cfg: ExperimentConfig) -> TrainResult:
         raise
     if result.model_path:
         tracker.log_artifacts(result.model_path, "model")
-    tracker.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                         and k.startswith("dev_")}, step=int(result.metrics.get("step", 0)))
     tracker.end("FINISHED")
     return result

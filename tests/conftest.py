@@ -30,6 +30,22 @@ def small_data(tmp_path_factory):
     return path
 
 
+@pytest.fixture()
+def ray_cli_env(monkeypatch):
+    """Environment for the `ray` CLI, heads and drivers started from a test. They must agree on the
+    auth mode (Ray 2.60 turns token auth on once ~/.ray/auth_token exists; the token is generated on
+    first use), and `ray`/`python` must be this environment's (as on a cluster node). Set in
+    os.environ too, for helpers such as AutoscalingCluster that run `ray` from PATH."""
+    import os
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    return dict(os.environ)
+
+
 @pytest.fixture(scope="session")
 def tiny_path():
     from clp_ray.tiny import tiny_model_path

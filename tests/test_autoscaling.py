@@ -4,7 +4,6 @@ released once idle."""
 
 import copy
 import json
-import os
 import subprocess
 import sys
 import time
@@ -44,13 +43,8 @@ class FakeAutoscalingCluster(AutoscalingCluster):
 
 
 @pytest.fixture()
-def env(monkeypatch):
-    # Same auth mode for the head, the CLI and the driver (see test_job_submit.py); AutoscalingCluster
-    # runs `ray start/stop` from PATH with this process's environment.
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    return dict(os.environ)
+def env(ray_cli_env):
+    return ray_cli_env
 
 
 def a10g_node_type() -> tuple[str, dict]:

@@ -1,7 +1,6 @@
 """The cluster path on one machine: `ray job submit` to a local head that the test starts and stops."""
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -23,12 +22,8 @@ def free_port() -> int:
 
 
 @pytest.fixture()
-def env():
-    # The CLI and the head must agree on the auth mode (Ray 2.60 turns token auth on once
-    # ~/.ray/auth_token exists); the token is generated on first use.
-    # `python` in the job's entrypoint must be this environment's (as on a cluster node).
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+def env(ray_cli_env):
+    return ray_cli_env
 
 
 @pytest.fixture()

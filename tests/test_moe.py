@@ -116,7 +116,7 @@ def test_vectorised_dispatch_equals_naive_loop(top_k):
         nn.init.normal_(expert.weight)
     h = torch.randn(50, 16, requires_grad=True)
     _, _, top_i, gates = layer.route(h)
-    fast = dispatch(h, top_i, gates, layer.experts, 24)
+    fast = dispatch(h, top_i, gates, layer.experts)
     slow = dispatch_naive(h, top_i, gates, layer.experts, 24)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     g_fast = torch.autograd.grad(fast.square().sum(), [h, layer.router.weight, layer.experts[0].weight])

@@ -3,12 +3,12 @@ import pytest
 
 from clp_ray.config import load_config
 from clp_ray.errors import ConfigError
-from clp_ray.search import apply_params, check_space, make_space, points_to_evaluate
+from clp_ray.search import SearchSpace, apply_params, check_space, points_to_evaluate
 
 
 def sample(cfg, n=30, layers=4):
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
-    space = make_space(cfg, layers)
+    space = SearchSpace(cfg, layers)
     out = []
     for i in range(n):
         trial = study.ask()
