@@ -270,6 +270,7 @@ def run_sweep(cfg: ExperimentConfig, *, fresh: bool = False, parent_tracker=None
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from clp_ray.tracking import tracking_uri
     from clp_ray.training import deepspeed_config, storage_path
 
     name = sweep_name(cfg)
@@ -285,8 +286,12 @@ def run_sweep(cfg: ExperimentConfig, *, fresh: bool = False, parent_tracker=None
         "data_files": prep.data_files, "data_hash": prep.data_hash,
         "parent_run_id": parent_tracker.run_id if parent_tracker else None,
     }
+    base = cfg.to_dict()
+    # Trials run in working directories of their own, where the default MLflow URI (a SQLite file in
+    # the working directory) would be another database: they get the driver's resolved one.
+    base["tracking"]["tracking_uri"] = tracking_uri(cfg)
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, base=cfg.to_dict(), sweep=sweep), {"CPU": 0.01})
+        ray.tune.with_parameters(run_trial, base=base, sweep=sweep), {"CPU": 0.01})
     total_evals = _evals_per_trial(cfg, prep)
     callbacks = [ProgressCallback(cfg.search.num_samples)]
     if parent_tracker:

@@ -17,22 +17,27 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
-def sweep_sets(tmp_path, data, *extra):
+def sweep_sets(tmp_path, data, *extra, tracking=True):
     return [f"data.train_paths=[{data}]", "data.train_group_size=2", "data.dev_fraction=0.2",
             "train.per_device_batch_size=4", "train.epochs=3", f"train.output_dir={tmp_path / 'out'}",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "search.num_samples=4",
+            *([f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"] if tracking else []), "search.num_samples=4",
             "search.max_concurrent_trials=2", "search.asha_reduction_factor=4", "search.learning_rate=[1.0e-6, 3.0e-3]",
             "train.log_every_steps=1", "ray.num_cpus=4", *extra]
 
 
-def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data):
+def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypatch):
     import ray
     from mlflow import MlflowClient
 
     from clp_ray.search import run_tune_job
+    from clp_ray.tracking import tracking_uri
     from clp_ray.training import ensure_ray
 
-    cfg = load_config("hi", "local", sweep_sets(tmp_path, small_data))
+    # The default MLflow URI (SQLite in the working directory): trials, which run in working
+    # directories of their own, must still log into the driver's database.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("hi", "local", sweep_sets(tmp_path, small_data, tracking=False))
     ensure_ray(cfg)
     try:
         out = run_tune_job(cfg)
@@ -51,7 +56,7 @@ def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data):
     assert out.best.dev_metric == max(t.dev_metric for t in out.trials if t.status == "completed")
     assert set(out.test_metrics) == {"ndcg@10", "ndcg@5", "recall@100", "mrr@10"}
 
-    client = MlflowClient(cfg.tracking.tracking_uri)
+    client = MlflowClient(tracking_uri(cfg))
     parent = client.get_run(out.parent_run_id)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
