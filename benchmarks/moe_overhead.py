@@ -11,8 +11,8 @@ top-k in {1, 2} it prints (median of interleaved repeats, dense upstream gradien
                    (every expert on every token) vs clp-ray's sorted dispatch (target: > 1x)
 
 Targets apply to top-1; top-2 rows (two experts per token) are for reference. Ratios are medians
-over rounds of back-to-back measurements, which a shared machine's drift affects far less than a
-ratio of separate medians.
+over rounds of back-to-back measurements (in alternating order), which a shared machine's drift
+affects far less than a ratio of separate medians.
 
 Memory allocator: glibc returns every freed block of >= 32 MiB to the kernel, so each fresh
 ``[2048, 4096]`` activation or ``[4096, 1024]`` gradient page-faults in again (~8 ms per 32 MiB
@@ -75,8 +75,12 @@ def time_all(fns: dict, x: torch.Tensor, grads: dict, params: list, repeats: int
     for name, fn in fns.items():  # warm-up
         fwd_bwd(fn, x, grads[name], params)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():  # interleaved so machine drift hits every variant alike
+    names = list(fns)
+    for r in range(repeats):
+        # Interleaved so machine drift hits every variant alike; the order flips every round so
+        # that no variant always runs right after the same neighbour (e.g. the memory-heavy naive loop).
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn = fns[name]
             t = time.perf_counter()
             fwd_bwd(fn, x, grads[name], params)
             times[name].append(time.perf_counter() - t)

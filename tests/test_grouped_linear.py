@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from clp_ray.grouped_linear import grouped_linear
+from clp_ray.grouped_linear import _column_blocks, grouped_linear
+
+
+@pytest.fixture
+def intra_op_threads(request):
+    """Run with torch.get_num_threads() == request.param: on CPU the forward splits each expert's
+    product into that many column blocks when they divide the output width."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 def reference(x, slot_token, counts, gates, weights, biases):
@@ -28,10 +38,13 @@ def routed(n, k, num_experts, seed):
     return order // k, counts
 
 
-@pytest.mark.parametrize("k,bias", [(1, True), (2, True), (3, False)])
-def test_forward_and_gradients_equal_per_slot_reference(k, bias):
+@pytest.mark.parametrize("intra_op_threads", [1, 2, 4], indirect=True)
+@pytest.mark.parametrize("k,bias,d_out", [(1, True, 4), (2, True, 4), (3, False, 4), (1, True, 5)])
+def test_forward_and_gradients_equal_per_slot_reference(k, bias, d_out, intra_op_threads):
+    blocks = _column_blocks(torch.empty(0), d_out)
+    assert blocks == (intra_op_threads if d_out % intra_op_threads == 0 else 1)
     torch.manual_seed(k)
-    n, d_in, d_out, num_experts = 7, 5, 4, 4
+    n, d_in, num_experts = 7, 5, 4
     slot_token, counts = routed(n, k, num_experts, seed=k)
     x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
     gates = torch.rand(n * k, dtype=torch.float64, requires_grad=True)
