@@ -149,5 +149,10 @@ def grouped_linear(
         raise ValueError(f"{len(weights)} expert weights but {len(counts)} counts")
     if sum(counts) != slot_token.shape[0]:
         raise ValueError(f"counts sum to {sum(counts)} but there are {slot_token.shape[0]} slots")
-    biases = list(biases) if biases is not None and all(b is not None for b in biases) else []
+    biases = [] if biases is None else list(biases)
+    missing = sum(b is None for b in biases)
+    if 0 < missing < len(biases):  # dropping the others' biases would silently change the output
+        raise ValueError(f"{missing} of {len(biases)} experts have no bias: all experts need one, or none")
+    if missing:
+        biases = []
     return _GroupedLinear.apply(x, slot_token, gates, list(counts), unit_gates, len(weights), *weights, *biases)

@@ -96,3 +96,11 @@ def test_expert_without_rows_gets_zero_gradients_and_frozen_ones_none():
 def test_bad_counts_are_rejected():
     with pytest.raises(ValueError, match="counts sum to 3 but there are 4 slots"):
         grouped_linear(torch.randn(4, 3), torch.arange(4), [1, 2], torch.ones(4), [torch.randn(2, 3)] * 2)
+
+
+def test_mixed_biases_are_rejected():
+    weights = [torch.randn(2, 3)] * 2
+    with pytest.raises(ValueError, match="1 of 2 experts have no bias"):
+        grouped_linear(torch.randn(4, 3), torch.arange(4), [2, 2], torch.ones(4), weights, [torch.zeros(2), None])
+    out = grouped_linear(torch.randn(4, 3), torch.arange(4), [2, 2], torch.ones(4), weights, [None, None])
+    assert out.shape == (4, 2)
