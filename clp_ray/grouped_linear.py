@@ -47,7 +47,7 @@ class _GroupedLinear(torch.autograd.Function):
         out = x.new_empty(n_tokens, n_out) if k == 1 else x.new_zeros(n_tokens, n_out)
         bounds = list(accumulate(counts, initial=0))
         blocks = _column_blocks(x, n_out)
-        # The output features in `blocks` equal blocks: [tokens, blocks, n_out / blocks].
+        # The output viewed as `blocks` equal column blocks: [tokens, blocks, n_out / blocks].
         out_blocks = out.view(n_tokens, blocks, n_out // blocks)
         for e in range(len(counts)):
             lo, hi = bounds[e], bounds[e + 1]
