@@ -9,11 +9,12 @@ the file and line it came from, so a validation error reads
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -382,12 +383,28 @@ def _format_error(err: dict[str, Any], where: dict[str, str]) -> str:
             break
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _key_hint(err["loc"])
     elif err["type"] == "missing":
         msg = "required key is missing"
     elif "input" in err and not isinstance(err["input"], dict):
         msg = f"{msg} (got {err['input']!r})"
     return f"{source or 'defaults'}: {dotted}: {msg}"
+
+
+def _key_hint(loc: tuple) -> str:
+    """`` (did you mean X?)`` for a near miss, else the section's valid keys; '' if unknown."""
+    section: Any = ExperimentConfig
+    for part in loc[:-1]:  # walk down to the section that holds the unknown key
+        field = section.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return ""
+        candidates = [field.annotation, *get_args(field.annotation)]  # Optional[Section] too
+        section = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if section is None:
+            return ""
+    keys = list(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else f"; valid keys here: {', '.join(keys)}"
 
 
 def build_config(layers: list[_Layer]) -> ExperimentConfig:

@@ -41,6 +41,16 @@ def test_unknown_key_names_file_line_and_path(cdir):
     assert "hi.yaml:3: loss.temprature: unknown key" in str(e.value)
 
 
+def test_unknown_key_suggests_a_near_miss_or_lists_the_section():
+    with pytest.raises(ConfigError) as e:
+        load_config("hi", "local", ["train.batch_size=3", "moe.router.jiter=0.1", "trian.epochs=1", "loss.nope=1"])
+    msg = str(e.value)
+    assert "train.batch_size: unknown key (did you mean per_device_batch_size?)" in msg
+    assert "moe.router.jiter: unknown key (did you mean jitter?)" in msg  # nested section
+    assert "trian: unknown key (did you mean train?)" in msg  # top level
+    assert "loss.nope: unknown key; valid keys here: temperature, lam, cross_device_negatives" in msg
+
+
 def test_wrong_type_and_out_of_range_name_source(cdir):
     (cdir / "profiles" / "p.yaml").write_text("train:\n  epochs: many\nmoe:\n  num_experts: 0\n")
     with pytest.raises(ConfigError) as e:
