@@ -150,6 +150,8 @@ class Embedder(nn.Module):
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a list of strings")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         was_training = self.training
         self.eval()
         try:

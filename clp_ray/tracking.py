@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,13 @@ class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
     """``mlflow.pyfunc.load_model(uri).predict(["text", ...])`` -> float32 [N, D] normalised
     embeddings; the Embedder folder (MoE layers included) is the model's ``embedder`` artifact."""
 
+    # predict has no type hints on purpose, and MLflow warns about that at class creation, i.e. on
+    # every job start. A `list[str]` hint would make MLflow infer a signature without a params
+    # schema (so `params={"batch_size": ...}` is dropped) and turn a multi-column DataFrame into its
+    # first column silently; _as_text_list checks the input instead. This MLflow attribute (the
+    # one its ChatModel uses) skips the type-hint check and thus the warning; nothing else.
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         from clp_ray.modeling import Embedder
 
@@ -205,13 +213,20 @@ def log_embedder_model(tracker: Tracker, model_dir: str | os.PathLike, *, regist
     """Log ``model_dir`` as a pyfunc on the tracker's run and, with ``registered_name``, register it
     as a new model version (tags attached). Returns the ModelVersion or the logged model info."""
     import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType, ParamSchema, ParamSpec
 
+    # Without a params schema MLflow drops `params` at predict time (with only a warning). No input
+    # schema: MLflow would turn the list of texts into a DataFrame; _as_text_list checks it.
+    signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("batch_size", DataType.long, 32)]))
     mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=tracker.run_id):
+    with mlflow.start_run(run_id=tracker.run_id), warnings.catch_warnings():
+        # An input example would make MLflow load and run the model at logging time; say nothing.
+        warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
         # clp-ray itself must be installed where the model is loaded (it defines the model class).
         info = mlflow.pyfunc.log_model(
             name="model", python_model=EmbedderPyfunc(), artifacts={"embedder": str(model_dir)},
-            pip_requirements=["clp-ray"],
+            pip_requirements=["clp-ray"], signature=signature,
         )
     if not registered_name:
         return info

@@ -21,6 +21,8 @@ def test_encode_shape_norm_order_and_mode(tiny_embedder):
     one_by_one = torch.cat([emb.encode([t]) for t in TEXTS])
     torch.testing.assert_close(out, one_by_one, rtol=0, atol=1e-5)
     assert not out.requires_grad
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        emb.encode(TEXTS, batch_size=0)
 
 
 def test_training_forward_has_gradients(tiny_embedder):

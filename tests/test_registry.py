@@ -82,6 +82,8 @@ def test_registered_model_loads_in_a_fresh_process(mlflow_cfg, moe_folder, tmp_p
         f"out = m.predict({TEXTS!r})\n"
         "np.save(sys.argv[1], out)\n"
         "try:\n    m.predict('not a list')\nexcept Exception as e:\n    print('ERR', e)\n"
+        # params reach predict (an MLflow signature without a params schema would drop them)
+        f"try:\n    m.predict({TEXTS!r}, params={{'batch_size': 0}})\nexcept Exception as e:\n    print('ERR', e)\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     p = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.npy")], capture_output=True, text=True,
@@ -92,6 +94,8 @@ def test_registered_model_loads_in_a_fresh_process(mlflow_cfg, moe_folder, tmp_p
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert "predict expects a list of strings, got str" in p.stdout
+    assert "batch_size must be >= 1, got 0" in p.stdout
+    assert "Add type hints to the `predict` method" not in p.stderr  # MLflow's per-import warning is off
 
     # The same URI works wherever a model reference is accepted.
     emb = load_registered_embedder("models:/clp-ray-hi@champion")
