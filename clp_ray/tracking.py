@@ -172,6 +172,9 @@ def git_commit() -> str:
 # The registered model: an MLflow pyfunc wrapping an Embedder folder.
 
 
+PREDICT_BATCH_SIZE = 32  # texts per forward pass unless predict gets params={"batch_size": N}
+
+
 class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
     """``mlflow.pyfunc.load_model(uri).predict(["text", ...])`` -> float32 [N, D] normalised
     embeddings; the Embedder folder (MoE layers included) is the model's ``embedder`` artifact."""
@@ -190,7 +193,7 @@ class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         texts = _as_text_list(model_input)
-        batch_size = int((params or {}).get("batch_size", 32))
+        batch_size = int((params or {}).get("batch_size", PREDICT_BATCH_SIZE))
         return self.embedder.encode(texts, batch_size=batch_size).numpy().astype("float32")
 
 
@@ -218,7 +221,7 @@ def log_embedder_model(tracker: Tracker, model_dir: str | os.PathLike, *, regist
 
     # Without a params schema MLflow drops `params` at predict time (with only a warning). No input
     # schema: MLflow would turn the list of texts into a DataFrame; _as_text_list checks it.
-    signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("batch_size", DataType.long, 32)]))
+    signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("batch_size", DataType.long, PREDICT_BATCH_SIZE)]))
     mlflow.set_tracking_uri(tracker.uri)
     with mlflow.start_run(run_id=tracker.run_id), warnings.catch_warnings():
         # An input example would make MLflow load and run the model at logging time; say nothing.
