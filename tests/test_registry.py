@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,10 @@ def test_registered_model_loads_in_a_fresh_process(mlflow_cfg, moe_folder, tmp_p
     from clp_ray.modeling import Embedder
 
     uri = mlflow_cfg.tracking.tracking_uri
-    v = register(mlflow_cfg, moe_folder, 0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        v = register(mlflow_cfg, moe_folder, 0.5)
+    assert not [w for w in caught if "input example" in str(w.message)]  # the signature is complete as is
     promote_if_better(uri, "clp-ray-hi", v)
     expected = Embedder.from_pretrained(moe_folder).encode(TEXTS).numpy()
     script = (
