@@ -224,7 +224,8 @@ def log_embedder_model(tracker: Tracker, model_dir: str | os.PathLike, *, regist
     signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("batch_size", DataType.long, PREDICT_BATCH_SIZE)]))
     mlflow.set_tracking_uri(tracker.uri)
     with mlflow.start_run(run_id=tracker.run_id), warnings.catch_warnings():
-        # An input example would make MLflow load and run the model at logging time; say nothing.
+        # MLflow warns when no input example is given, but one would make it load and run the
+        # model at logging time; the params-only signature above is complete without it.
         warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
         # clp-ray itself must be installed where the model is loaded (it defines the model class).
         info = mlflow.pyfunc.log_model(
