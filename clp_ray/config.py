@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from clp_ray.errors import ConfigError
 
@@ -252,6 +252,27 @@ class ExperimentConfig(_Section):
     mining: MiningConfig = MiningConfig()
     ray: RayConfig = RayConfig()
 
+    # Per dotted key, the file:line or --set that wrote it (set by load_config). Not part of the
+    # config's value: equality, the hash and the dump ignore it; a config rebuilt from a dict has none.
+    _where: Optional[dict[str, str]] = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExperimentConfig) and self.__dict__ == other.__dict__
+
+    def cite(self, key: str) -> str:
+        """``key = value (where it was set)``, for checks that run after loading because they span
+        several keys or need the model: ``moe.layers = [99] (--set moe.layers=[99])``,
+        ``loss.lam = 0.1 (configs/base.yaml:28)``, ``moe.top_k = 1 (defaults)``; no origin when it is
+        unknown (a config rebuilt from a dict)."""
+        value: Any = self.to_dict()
+        for part in key.split("."):
+            value = value[part]
+        shown = f"{key} = {value if isinstance(value, str) else json.dumps(value)}"
+        if self._where is None:
+            return shown
+        # The exact key only: a section header's line would be wrong for a key left to its default.
+        return f"{shown} ({self._where.get(key, 'defaults')})"
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -376,11 +397,7 @@ def known_profiles(config_dir: Path | None = None) -> list[str]:
 def _format_error(err: dict[str, Any], where: dict[str, str]) -> str:
     loc = [str(p) for p in err["loc"]]
     dotted = ".".join(loc) or "<root>"
-    source = None
-    for n in range(len(loc), 0, -1):  # longest prefix that some layer wrote
-        source = where.get(".".join(loc[:n]))
-        if source:
-            break
+    source = _origin(loc, where)
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key" + _key_hint(err["loc"])
@@ -389,6 +406,15 @@ def _format_error(err: dict[str, Any], where: dict[str, str]) -> str:
     elif "input" in err and not isinstance(err["input"], dict):
         msg = f"{msg} (got {err['input']!r})"
     return f"{source or 'defaults'}: {dotted}: {msg}"
+
+
+def _origin(loc: list[str], where: dict[str, str]) -> Optional[str]:
+    """Where the longest prefix of ``loc`` that some layer wrote came from (None: the defaults)."""
+    for n in range(len(loc), 0, -1):
+        source = where.get(".".join(loc[:n]))
+        if source:
+            return source
+    return None
 
 
 def _key_hint(loc: tuple) -> str:
@@ -413,10 +439,12 @@ def build_config(layers: list[_Layer]) -> ExperimentConfig:
     for layer in layers:
         _merge(data, layer.data, where, layer.where)
     try:
-        return ExperimentConfig.model_validate(data)
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
         lines = [_format_error(err, where) for err in e.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    cfg._where = where
+    return cfg
 
 
 def load_config(

@@ -191,6 +191,27 @@ def _load_weights_strict(model: nn.Module, folder: Path) -> None:
         raise ValueError(f"{folder}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+def num_encoder_layers(model_cfg) -> int:
+    """The layer count of the encoder a ``model`` config names, read from its config alone (no
+    weights): ``tiny`` from its settings, a folder or hub id from ``config.json``."""
+    from clp_ray.errors import ClpRayError
+
+    if model_cfg.name_or_path == "tiny":
+        return model_cfg.tiny.num_layers
+    try:
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(model_cfg.name_or_path).num_hidden_layers)
+    except (OSError, ValueError, AttributeError) as e:
+        raise ClpRayError(f"cannot read the layer count of {model_cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
+
+
+def is_moe_folder(name_or_path: str | os.PathLike) -> bool:
+    """Whether a folder holds a model saved with its MoE layers (``load_embedder`` keeps them as saved)."""
+    meta = Path(name_or_path) / META_FILE
+    return meta.is_file() and bool(json.loads(meta.read_text()).get("moe"))
+
+
 def load_embedder(model_cfg, moe_cfg=None) -> Embedder:
     """Build the Embedder a config describes: ``tiny`` or a hub id / folder, upcycled per ``moe_cfg``
     when it is enabled and the loaded model is not already an MoE model."""

@@ -35,17 +35,6 @@ PAPER_POINT = {"lam": 0.1, "temperature": 0.02, "num_experts": 2, "top_k": 1}
 # Space.
 
 
-def num_encoder_layers(cfg: ExperimentConfig) -> int:
-    if cfg.model.name_or_path == "tiny":
-        return cfg.model.tiny.num_layers
-    try:
-        from transformers import AutoConfig
-
-        return int(AutoConfig.from_pretrained(cfg.model.name_or_path).num_hidden_layers)
-    except (OSError, ValueError) as e:
-        raise ClpRayError(f"cannot read the layer count of {cfg.model.name_or_path!r}: {str(e).splitlines()[0]}") from None
-
-
 def searches_moe(cfg: ExperimentConfig) -> bool:
     return cfg.moe.enabled and cfg.search.search_moe
 
@@ -54,12 +43,14 @@ def check_space(cfg: ExperimentConfig, num_layers: int) -> None:
     s = cfg.search
     if searches_moe(cfg):
         if max(s.top_k) > min(s.num_experts):
-            raise ConfigError(f"search.top_k {s.top_k} has a value above the smallest search.num_experts "
-                              f"{min(s.num_experts)}: every (experts, top_k) pair must be valid")
+            raise ConfigError(f"{cfg.cite('search.top_k')} has a value above the smallest of "
+                              f"{cfg.cite('search.num_experts')}: every (experts, top_k) pair must be valid")
         if s.layer_mode == "block" and s.block_size > num_layers:
-            raise ConfigError(f"search.block_size {s.block_size} exceeds the model's {num_layers} layers")
+            raise ConfigError(f"{cfg.cite('search.block_size')} exceeds the model's {num_layers} layers; "
+                              f"{cfg.cite('model.name_or_path')}")
     if s.lam[1] > 0 and cfg.data.train_group_size < 2:
-        raise ConfigError("search.lam allows lam > 0, which needs data.train_group_size >= 2")
+        raise ConfigError(f"{cfg.cite('search.lam')} allows lam > 0, which needs hard negatives, but "
+                          f"{cfg.cite('data.train_group_size')}: it must be >= 2")
 
 
 class SearchSpace:
@@ -270,6 +261,7 @@ def run_sweep(cfg: ExperimentConfig, *, fresh: bool = False, parent_tracker=None
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from clp_ray.modeling import num_encoder_layers
     from clp_ray.tracking import tracking_uri
     from clp_ray.training import deepspeed_config, storage_path
 
@@ -280,7 +272,7 @@ def run_sweep(cfg: ExperimentConfig, *, fresh: bool = False, parent_tracker=None
         aside = exp_dir.with_name(f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(exp_dir), aside)
         log.info("--fresh: moved the previous sweep to %s", aside)
-    layers = num_encoder_layers(cfg)
+    layers = num_encoder_layers(cfg.model)
     sweep = {
         "name": name, "train_storage": f"{storage}/{name}-trials", "ds_config": deepspeed_config(cfg, cfg.ray.num_workers),
         "data_files": prep.data_files, "data_hash": prep.data_hash,
@@ -357,7 +349,7 @@ class TuneOutcome:
 
 def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
     from clp_ray.evaluation import evaluate, load_beir
-    from clp_ray.modeling import Embedder
+    from clp_ray.modeling import Embedder, num_encoder_layers
     from clp_ray.plots import write_sweep_plots
     from clp_ray.tracking import (
         git_commit,
@@ -368,12 +360,14 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         registered_model_name,
         resume_or_start_run,
     )
-    from clp_ray.training import check_resources, ensure_ray, prepare
+    from clp_ray.training import check_moe_layers, check_resources, ensure_ray, prepare
 
     name = sweep_name(cfg)
     # Everything that can fail on user input fails here, before any cluster work.
-    layers = num_encoder_layers(cfg)
+    layers = num_encoder_layers(cfg.model)
     check_space(cfg, layers)
+    if not searches_moe(cfg):  # otherwise every trial gets its layers from the search space
+        check_moe_layers(cfg, layers)
     prep = prepare(cfg, name=name)
     if not cfg.eval.data_dir:
         raise ConfigError("eval.data_dir is not set: the best trial is evaluated on its held-out test split")

@@ -87,6 +87,19 @@ def test_invalid_yaml_names_line(cdir):
         load_config("hi", None, config_dir=cdir)
 
 
+def test_cite_gives_value_and_origin_for_later_checks(cdir):
+    (cdir / "profiles" / "p.yaml").write_text("# comment\nloss:\n  lam: 0.3\n")
+    cfg = load_config("hi", "p", ["moe.layers=[99]"], config_dir=cdir)
+    assert cfg.cite("moe.layers") == "moe.layers = [99] (--set moe.layers=[99])"
+    assert cfg.cite("loss.lam").startswith("loss.lam = 0.3 (") and cfg.cite("loss.lam").endswith("p.yaml:3)")
+    assert cfg.cite("moe.train_only").startswith("moe.train_only = moe (") and "base.yaml:" in cfg.cite("moe.train_only")
+    # Left to its default: not the line of the section header above it.
+    assert cfg.cite("model.tiny.num_layers") == "model.tiny.num_layers = 4 (defaults)"
+    # A config rebuilt from a dict (e.g. a Tune trial's) knows values, not origins; equality ignores origins.
+    again = ExperimentConfig.model_validate(cfg.to_dict())
+    assert again.cite("loss.lam") == "loss.lam = 0.3" and again == cfg
+
+
 def test_resolved_config_round_trips_and_hash_is_stable():
     cfg = load_config("hi", "local", ["loss.lam=0.2"])
     again = ExperimentConfig.model_validate(cfg.to_dict())

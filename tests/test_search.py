@@ -51,7 +51,8 @@ def test_paper_point_is_evaluated_first():
 
 
 def test_invalid_space_is_a_config_error():
-    with pytest.raises(ConfigError, match="top_k"):
+    with pytest.raises(ConfigError, match=r"search.top_k = \[1, 4\] \(--set search.top_k=\[1, 4\]\) has a value above "
+                                         r"the smallest of search.num_experts = \[2, 4\] \(--set search.num_experts=\[2, 4\]\)"):
         check_space(load_config("hi", "local", ["search.num_experts=[2, 4]", "search.top_k=[1, 4]"]), 4)
     with pytest.raises(ConfigError, match="lower bound"):
         load_config("hi", "local", ["search.lam=[0.5, 0.1]"])

@@ -139,6 +139,11 @@ def test_bad_input_fails_before_workers_start(tmp_path):
     bad.write_text('{"query": "q", "pos": ["p"], "neg": ["n"], "neg_q": ["m"]}\n{"query": ""}\n')
     p = run_train_job("--set", f"data.train_paths=[{bad}]")
     assert p.returncode == 2 and f"{bad}:2: query: empty string" in p.stderr
+    # The model's layer count is known on the driver: a bad MoE layer index fails before Ray starts.
+    p = run_train_job("--set", "moe.layers=[0, 4]")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "RayTrainWorker" not in p.stderr
+    assert ("error: moe.layers = [0, 4] (--set moe.layers=[0, 4]): MoE layer index 4 is out of range for an "
+            "encoder with 4 layers (valid: 0..3 or -4..-1); model.name_or_path = tiny (configs/profiles/local.yaml:") in p.stderr
     p = run_train_job("--set", "ray.num_workers=64", "--set", "ray.num_cpus=2", "--set", f"train.output_dir={tmp_path}")
     assert p.returncode == 2, p.stderr[-3000:]
     assert "ray.num_workers = 64 workers need 64 CPU (cluster has 2)" in p.stderr
