@@ -397,7 +397,11 @@ def known_profiles(config_dir: Path | None = None) -> list[str]:
 def _format_error(err: dict[str, Any], where: dict[str, str]) -> str:
     loc = [str(p) for p in err["loc"]]
     dotted = ".".join(loc) or "<root>"
-    source = _origin(loc, where)
+    source = None
+    for n in range(len(loc), 0, -1):  # longest prefix that some layer wrote
+        source = where.get(".".join(loc[:n]))
+        if source:
+            break
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key" + _key_hint(err["loc"])
@@ -406,15 +410,6 @@ def _format_error(err: dict[str, Any], where: dict[str, str]) -> str:
     elif "input" in err and not isinstance(err["input"], dict):
         msg = f"{msg} (got {err['input']!r})"
     return f"{source or 'defaults'}: {dotted}: {msg}"
-
-
-def _origin(loc: list[str], where: dict[str, str]) -> Optional[str]:
-    """Where the longest prefix of ``loc`` that some layer wrote came from (None: the defaults)."""
-    for n in range(len(loc), 0, -1):
-        source = where.get(".".join(loc[:n]))
-        if source:
-            return source
-    return None
 
 
 def _key_hint(loc: tuple) -> str:
