@@ -8,10 +8,13 @@ instead of a traceback; the JSON summary is written atomically.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Optional
 
 from clp_ray.atomic import write_json
@@ -59,6 +62,8 @@ def run_job(main: Callable[[argparse.Namespace], dict], args: argparse.Namespace
         if getattr(args, "print_config", False):
             print(config_from_args(args).to_yaml(), end="")
             return 0
+        if args.summary:
+            check_writable(args.summary, "--summary")
         summary: Optional[dict] = main(args)
     except ClpRayError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -67,6 +72,29 @@ def run_job(main: Callable[[argparse.Namespace], dict], args: argparse.Namespace
         print("interrupted", file=sys.stderr)
         return 130
     if args.summary and summary is not None:
-        write_json(args.summary, summary)
+        try:
+            write_json(args.summary, summary)
+        except OSError as e:  # e.g. the disk filled up during the job: keep the result on stdout
+            print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+            print(f"error: --summary {args.summary}: cannot write it ({e.strerror or e}); "
+                  "the summary is printed above", file=sys.stderr)
+            return EXIT_USER_ERROR
         logging.getLogger("clp_ray").info("summary written to %s", args.summary)
     return 0
+
+
+def check_writable(path: str, what: str) -> None:
+    """Fail before any work, not after it, when an output file cannot be created where asked."""
+    p = Path(path)
+    if p.is_dir():
+        raise ClpRayError(f"{what} {path}: is a folder; give a file path")
+    existing = next(a for a in p.absolute().parents if a.exists())
+    if not existing.is_dir():  # mkdir would only say "File exists"
+        raise ClpRayError(f"{what} {path}: cannot write there ({existing} is a file, not a folder)")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=p.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ClpRayError(f"{what} {path}: cannot write there ({e.strerror or e})") from None

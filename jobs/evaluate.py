@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clp_ray.cli import config_from_args, experiment_parser, run_job  # noqa: E402
+from clp_ray.cli import check_writable, config_from_args, experiment_parser, run_job  # noqa: E402
 
 log = logging.getLogger("clp_ray.evaluate")
 
@@ -26,6 +26,8 @@ def main(args) -> dict:
     from clp_ray.modeling import load_model_ref
 
     cfg = config_from_args(args)
+    if args.run_file:
+        check_writable(args.run_file, "--run-file")
     data_dir = args.data or cfg.eval.data_dir
     if not data_dir:
         raise ClpRayError("no evaluation data: pass --data DIR or set eval.data_dir")

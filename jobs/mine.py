@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clp_ray.cli import config_from_args, experiment_parser, run_job  # noqa: E402
+from clp_ray.cli import check_writable, config_from_args, experiment_parser, run_job  # noqa: E402
 
 log = logging.getLogger("clp_ray.mine")
 
@@ -28,6 +28,7 @@ def main(args) -> dict:
     from clp_ray.modeling import load_model_ref
 
     cfg = config_from_args(args)
+    check_writable(args.out, "--out")
     m = cfg.mining
     if args.data:
         data = load_beir(args.data, args.split)

@@ -147,3 +147,10 @@ def test_evaluate_job_bad_input_exits_2(tmp_path):
     assert p.returncode == 2 and "--set eval.batch_size=0: eval.batch_size: Input should be greater than or equal to 1" in p.stderr
     p = run_job("--lang", "hi", "--profile", "local", "--print-config")
     assert p.returncode == 0 and "name_or_path: tiny" in p.stdout and "data_dir: pkg://ko_help" in p.stdout
+    # Outputs that cannot be written fail before the work, not after it (here: a path below a file).
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for flag in ("--summary", "--run-file"):
+        p = run_job("--model", "tiny", "--data", "pkg://ko_help", flag, str(blocker / "out.json"))
+        assert p.returncode == 2 and "Traceback" not in p.stderr and "evaluation set" not in p.stderr
+        assert f"error: {flag} {blocker / 'out.json'}: cannot write there ({blocker} is a file, not a folder)" in p.stderr

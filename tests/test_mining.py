@@ -198,6 +198,10 @@ def test_mine_job_inputs_and_errors(tmp_path):
 
     p = job()
     assert p.returncode == 2 and "give --data DIR|miracl://<lang>" in p.stderr
+    (tmp_path / "a-file").write_text("")
+    p = job("--data", "pkg://ko_help", "--out", str(tmp_path / "a-file" / "o.jsonl"))  # the last --out wins
+    assert p.returncode == 2 and "--out" in p.stderr and "a-file is a file, not a folder)" in p.stderr
+    assert "mining" not in p.stderr  # failed before loading the model and encoding
     p = job("--data", "miracl://hi", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert p.returncode == 2 and "cannot load MIRACL 'hi' split 'train' from the Hugging Face hub" in p.stderr
     assert "Traceback" not in p.stderr

@@ -1,0 +1,37 @@
+"""Job plumbing shared by every entry point: the --summary contract and output-path checks."""
+
+import argparse
+import json
+
+import pytest
+
+from clp_ray.cli import EXIT_USER_ERROR, check_writable, run_job
+from clp_ray.errors import ClpRayError
+
+
+def test_summary_is_written_atomically_and_kept_on_stdout_when_it_cannot_be(tmp_path, capsys):
+    path = tmp_path / "out" / "s.json"
+    assert run_job(lambda a: {"metric": 0.5}, argparse.Namespace(summary=str(path))) == 0
+    assert json.loads(path.read_text()) == {"metric": 0.5}
+    assert [p.name for p in path.parent.iterdir()] == ["s.json"]  # no temp or probe file left
+
+    def job_that_loses_its_summary_path(args):  # e.g. the disk or folder went away during the job
+        path.unlink()
+        path.mkdir()
+        return {"metric": 0.75, "model_path": "/models/x"}
+
+    code = run_job(job_that_loses_its_summary_path, argparse.Namespace(summary=str(path)))
+    out, err = capsys.readouterr()
+    assert code == EXIT_USER_ERROR
+    assert json.loads(out) == {"metric": 0.75, "model_path": "/models/x"}  # the result is not lost
+    assert f"error: --summary {path}: cannot write it" in err and "printed above" in err
+
+
+def test_check_writable_refuses_folders_and_unreachable_paths(tmp_path):
+    check_writable(str(tmp_path / "new" / "deeper" / "f.json"), "--out")  # parents are created
+    assert (tmp_path / "new" / "deeper").is_dir() and not any((tmp_path / "new" / "deeper").iterdir())
+    with pytest.raises(ClpRayError, match=r"--out .*: is a folder; give a file path"):
+        check_writable(str(tmp_path), "--out")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ClpRayError, match=r"--summary .*f/s.json: cannot write there \(.*/f is a file, not a folder\)"):
+        check_writable(str(tmp_path / "f" / "s.json"), "--summary")
