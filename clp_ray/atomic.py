@@ -57,3 +57,27 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def check_writable(path: str | os.PathLike, what: str, *, folder: bool = False) -> None:
+    """Fail before any work, not after it, when an output cannot be created at ``path`` (a file,
+    or with ``folder=True`` a folder): creates the missing parents and writes and removes a probe.
+    ``what`` names the setting in the message (``--summary``, ``train.output_dir = ...``)."""
+    from clp_ray.errors import ClpRayError
+
+    p = Path(path)
+    if p.is_dir() and not folder:
+        raise ClpRayError(f"{what}: {path} is a folder; give a file path")
+    if p.exists() and not p.is_dir() and folder:
+        raise ClpRayError(f"{what}: {path} is a file, not a folder")
+    existing = next(a for a in p.absolute().parents if a.exists())
+    if not existing.is_dir():  # mkdir would only say "File exists"
+        raise ClpRayError(f"{what}: cannot write to {path} ({existing} is a file, not a folder)")
+    target = p if folder else p.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ClpRayError(f"{what}: cannot write to {path} ({e.strerror or e})") from None

@@ -12,12 +12,10 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Optional
 
-from clp_ray.atomic import write_json
+from clp_ray.atomic import check_writable, write_json
 from clp_ray.config import ExperimentConfig, load_config
 from clp_ray.errors import ClpRayError
 
@@ -81,20 +79,3 @@ def run_job(main: Callable[[argparse.Namespace], dict], args: argparse.Namespace
             return EXIT_USER_ERROR
         logging.getLogger("clp_ray").info("summary written to %s", args.summary)
     return 0
-
-
-def check_writable(path: str, what: str) -> None:
-    """Fail before any work, not after it, when an output file cannot be created where asked."""
-    p = Path(path)
-    if p.is_dir():
-        raise ClpRayError(f"{what} {path}: is a folder; give a file path")
-    existing = next(a for a in p.absolute().parents if a.exists())
-    if not existing.is_dir():  # mkdir would only say "File exists"
-        raise ClpRayError(f"{what} {path}: cannot write there ({existing} is a file, not a folder)")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=p.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ClpRayError(f"{what} {path}: cannot write there ({e.strerror or e})") from None

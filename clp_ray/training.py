@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from clp_ray.atomic import check_writable
 from clp_ray.config import ExperimentConfig, default_config_dir
 from clp_ray.errors import ClpRayError, ConfigError
 
@@ -492,6 +493,7 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[str] = None) -> PreparedRun
                           f"{cfg.cite('data.train_group_size')}: it must be >= 2 (or loss.lam = 0)")
     name = name or run_name(cfg)
     ds_config = deepspeed_config(cfg, cfg.ray.num_workers)
+    check_writable(cfg.train.output_dir, cfg.cite("train.output_dir"), folder=True)
     out_dir = Path(cfg.train.output_dir).resolve() / name
     report = validate(cfg.data.train_paths, lam=cfg.loss.lam, group_size=cfg.data.train_group_size,
                       max_line_bytes=cfg.data.max_line_bytes, on_bad_record=cfg.data.on_bad_record,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clp_ray.cli import check_writable, config_from_args, experiment_parser, run_job  # noqa: E402
+from clp_ray.atomic import check_writable  # noqa: E402
+from clp_ray.cli import config_from_args, experiment_parser, run_job  # noqa: E402
 
 log = logging.getLogger("clp_ray.mine")
 

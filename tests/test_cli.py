@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from clp_ray.cli import EXIT_USER_ERROR, check_writable, run_job
+from clp_ray.atomic import check_writable
+from clp_ray.cli import EXIT_USER_ERROR, run_job
 from clp_ray.errors import ClpRayError
 
 
@@ -30,8 +31,12 @@ def test_summary_is_written_atomically_and_kept_on_stdout_when_it_cannot_be(tmp_
 def test_check_writable_refuses_folders_and_unreachable_paths(tmp_path):
     check_writable(str(tmp_path / "new" / "deeper" / "f.json"), "--out")  # parents are created
     assert (tmp_path / "new" / "deeper").is_dir() and not any((tmp_path / "new" / "deeper").iterdir())
-    with pytest.raises(ClpRayError, match=r"--out .*: is a folder; give a file path"):
+    with pytest.raises(ClpRayError, match=r"--out: .* is a folder; give a file path"):
         check_writable(str(tmp_path), "--out")
     (tmp_path / "f").write_text("")
-    with pytest.raises(ClpRayError, match=r"--summary .*f/s.json: cannot write there \(.*/f is a file, not a folder\)"):
+    with pytest.raises(ClpRayError, match=r"--summary: cannot write to .*f/s.json \(.*/f is a file, not a folder\)"):
         check_writable(str(tmp_path / "f" / "s.json"), "--summary")
+    check_writable(str(tmp_path / "runs" / "a"), "train.output_dir", folder=True)  # a folder is created
+    assert (tmp_path / "runs" / "a").is_dir() and not any((tmp_path / "runs" / "a").iterdir())
+    with pytest.raises(ClpRayError, match=r"train.output_dir: .*/f is a file, not a folder"):
+        check_writable(str(tmp_path / "f"), "train.output_dir", folder=True)

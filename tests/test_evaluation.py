@@ -153,4 +153,4 @@ def test_evaluate_job_bad_input_exits_2(tmp_path):
     for flag in ("--summary", "--run-file"):
         p = run_job("--model", "tiny", "--data", "pkg://ko_help", flag, str(blocker / "out.json"))
         assert p.returncode == 2 and "Traceback" not in p.stderr and "evaluation set" not in p.stderr
-        assert f"error: {flag} {blocker / 'out.json'}: cannot write there ({blocker} is a file, not a folder)" in p.stderr
+        assert f"error: {flag}: cannot write to {blocker / 'out.json'} ({blocker} is a file, not a folder)" in p.stderr

@@ -144,6 +144,11 @@ def test_bad_input_fails_before_workers_start(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and "RayTrainWorker" not in p.stderr
     assert ("error: moe.layers = [0, 4] (--set moe.layers=[0, 4]): MoE layer index 4 is out of range for an "
             "encoder with 4 layers (valid: 0..3 or -4..-1); model.name_or_path = tiny (configs/profiles/local.yaml:") in p.stderr
+    (tmp_path / "a-file").write_text("")
+    p = run_train_job("--set", f"train.output_dir={tmp_path / 'a-file' / 'runs'}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "Started a local Ray instance" not in p.stderr
+    assert (f"error: train.output_dir = {tmp_path / 'a-file' / 'runs'} (--set train.output_dir={tmp_path / 'a-file' / 'runs'}): "
+            f"cannot write to {tmp_path / 'a-file' / 'runs'} ({tmp_path / 'a-file'} is a file, not a folder)") in p.stderr
     p = run_train_job("--set", "ray.num_workers=64", "--set", "ray.num_cpus=2", "--set", f"train.output_dir={tmp_path}")
     assert p.returncode == 2, p.stderr[-3000:]
     assert "ray.num_workers = 64 workers need 64 CPU (cluster has 2)" in p.stderr
