@@ -145,7 +145,6 @@ class DeepSpeedConfig(_Section):
 class SearchConfig(_Section):
     num_samples: int = Field(16, ge=1)
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
-    metric: str = "dev_ndcg@10"
     seed: int = 0
     lam: tuple[float, float] = (0.0, 0.5)
     temperature: tuple[float, float] = (0.01, 0.1)

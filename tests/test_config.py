@@ -49,6 +49,9 @@ def test_unknown_key_suggests_a_near_miss_or_lists_the_section():
     assert "moe.router.jiter: unknown key (did you mean jitter?)" in msg  # nested section
     assert "trian: unknown key (did you mean train?)" in msg  # top level
     assert "loss.nope: unknown key; valid keys here: temperature, lam, cross_device_negatives" in msg
+    # The sweep always ranks trials by dev nDCG@10: no key pretends otherwise and is silently ignored.
+    with pytest.raises(ConfigError, match=r"--set search.metric=dev_mrr@10: search.metric: unknown key"):
+        load_config("hi", "local", ["search.metric=dev_mrr@10"])
 
 
 def test_wrong_type_and_out_of_range_name_source(cdir):
