@@ -74,7 +74,7 @@ def run_job(main: Callable[[argparse.Namespace], dict], args: argparse.Namespace
             write_json(args.summary, summary)
         except OSError as e:  # e.g. the disk filled up during the job: keep the result on stdout
             print(json.dumps(summary, indent=2, sort_keys=True, default=str))
-            print(f"error: --summary {args.summary}: cannot write it ({e.strerror or e}); "
+            print(f"error: --summary: cannot write to {args.summary} ({e.strerror or e}); "
                   "the summary is printed above", file=sys.stderr)
             return EXIT_USER_ERROR
         logging.getLogger("clp_ray").info("summary written to %s", args.summary)

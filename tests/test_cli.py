@@ -25,7 +25,7 @@ def test_summary_is_written_atomically_and_kept_on_stdout_when_it_cannot_be(tmp_
     out, err = capsys.readouterr()
     assert code == EXIT_USER_ERROR
     assert json.loads(out) == {"metric": 0.75, "model_path": "/models/x"}  # the result is not lost
-    assert f"error: --summary {path}: cannot write it" in err and "printed above" in err
+    assert f"error: --summary: cannot write to {path} (Is a directory)" in err and "printed above" in err
 
 
 def test_check_writable_refuses_folders_and_unreachable_paths(tmp_path):
