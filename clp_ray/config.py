@@ -314,7 +314,10 @@ def _node_lines(node: yaml.Node, path: str, source: str, where: dict[str, str]) 
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{path}.{key_node.value}" if path else str(key_node.value)
-            where[key] = f"{source}:{key_node.start_mark.line + 1}"
+            line = f"{source}:{key_node.start_mark.line + 1}"
+            if key in where:  # YAML loaders keep the last one: a whole section would vanish silently
+                raise ConfigError(f"{line}: {key}: duplicate key (first set at {where[key]})")
+            where[key] = line
             _node_lines(value_node, key, source, where)
 
 

@@ -84,6 +84,19 @@ def test_unknown_language_lists_known_ones():
         load_config("hi", "gpu")
 
 
+def test_duplicate_key_is_an_error_not_a_silent_override(cdir):
+    # YAML keeps the last `loss:` block, which would drop lam = 0.3 without a word.
+    (cdir / "lang" / "hi.yaml").write_text("loss:\n  lam: 0.3\nmoe:\n  num_experts: 4\nloss:\n  temperature: 0.05\n")
+    with pytest.raises(ConfigError, match=r"hi.yaml:5: loss: duplicate key \(first set at .*hi.yaml:1\)"):
+        load_config("hi", None, config_dir=cdir)
+    (cdir / "lang" / "hi.yaml").write_text("loss:\n  lam: 0.3\n  lam: 0.4\n")
+    with pytest.raises(ConfigError, match=r"hi.yaml:3: loss.lam: duplicate key \(first set at .*hi.yaml:2\)"):
+        load_config("hi", None, config_dir=cdir)
+    # The same key in different files is layering, not duplication.
+    (cdir / "lang" / "hi.yaml").write_text("loss:\n  lam: 0.3\n")
+    assert load_config("hi", None, ["loss.lam=0.4"], config_dir=cdir).loss.lam == 0.4
+
+
 def test_invalid_yaml_names_line(cdir):
     (cdir / "lang" / "hi.yaml").write_text("loss:\n  lam: [0.1\n")
     with pytest.raises(ConfigError, match=r"hi.yaml:3: invalid YAML"):
