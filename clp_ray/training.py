@@ -59,17 +59,31 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return base
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``json`` keeps the last of two equal keys, which would drop a whole section silently."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
 def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict:
     """The DeepSpeed config: ``zero<stage>.json`` with its ``auto`` values filled from ``cfg``."""
     stage = cfg.deepspeed.stage
     folder = Path(cfg.deepspeed.config_dir) if cfg.deepspeed.config_dir else default_config_dir() / "deepspeed"
     path = folder / f"zero{stage}.json"
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
         raise ConfigError(f"deepspeed.stage = {stage}: {path} not found") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except ValueError as e:  # a duplicate key
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: expected a JSON object (DeepSpeed config), got {type(ds).__name__}")
     ds.pop("_comment", None)
     precision = resolve_precision(cfg)
     t = cfg.train

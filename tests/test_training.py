@@ -153,3 +153,28 @@ def test_bad_input_fails_before_workers_start(tmp_path):
     assert p.returncode == 2, p.stderr[-3000:]
     assert "ray.num_workers = 64 workers need 64 CPU (cluster has 2)" in p.stderr
     assert "RayTrainWorker" not in p.stderr
+
+
+def test_deepspeed_config_fills_auto_values_and_rejects_bad_files(tmp_path):
+    from clp_ray.errors import ConfigError
+    from clp_ray.training import deepspeed_config
+
+    cfg = load_config("hi", "local", ["train.per_device_batch_size=3", "train.gradient_accumulation_steps=2",
+                                      "deepspeed.stage=2", f"deepspeed.config_dir={tmp_path}"])
+    (tmp_path / "zero2.json").write_text('{"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",'
+                                         ' "zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}')
+    ds = deepspeed_config(cfg, world_size=4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (24, 3, 2)
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # fp32 on the local profile
+    bad = {
+        # json keeps the last of two equal keys: the first zero_optimization block would vanish.
+        '{"zero_optimization": {"stage": 2, "overlap_comm": true}, "zero_optimization": {"stage": 2}}':
+            r"zero2.json: duplicate key 'zero_optimization'",
+        '[{"zero_optimization": {}}]': r"zero2.json: expected a JSON object \(DeepSpeed config\), got list",
+        '{\n"zero_optimization": {,}\n}': r"zero2.json:2: invalid JSON",
+        '{"optimizer": {"params": {"lr": "auto"}}}': r"values left as 'auto' that clp-ray does not fill: optimizer.params.lr",
+    }
+    for text, message in bad.items():
+        (tmp_path / "zero2.json").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            deepspeed_config(cfg, world_size=4)
