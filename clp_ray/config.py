@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -146,11 +146,13 @@ class SearchConfig(_Section):
     num_samples: int = Field(16, ge=1)
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
     seed: int = 0
-    lam: tuple[float, float] = (0.0, 0.5)
-    temperature: tuple[float, float] = (0.01, 0.1)
-    num_experts: list[int] = Field(default_factory=lambda: [2, 4, 8])
-    top_k: list[int] = Field(default_factory=lambda: [1, 2])
-    learning_rate: tuple[float, float] = (5e-6, 5e-5)
+    # Bounds and choices obey the same limits as the settings they feed (loss.*, moe.*,
+    # train.learning_rate), so a bad range fails here instead of in every trial.
+    lam: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.0, 0.5)
+    temperature: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.01, 0.1)
+    num_experts: list[Annotated[int, Field(ge=1, le=64)]] = Field(default_factory=lambda: [2, 4, 8], min_length=1)
+    top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2], min_length=1)
+    learning_rate: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (5e-6, 5e-5)
     search_moe: bool = True
     layer_mode: Literal["single", "block"] = "single"
     block_size: int = Field(2, ge=1)

@@ -1,3 +1,5 @@
+import re
+
 import optuna
 import pytest
 
@@ -56,3 +58,16 @@ def test_invalid_space_is_a_config_error():
         check_space(load_config("hi", "local", ["search.num_experts=[2, 4]", "search.top_k=[1, 4]"]), 4)
     with pytest.raises(ConfigError, match="lower bound"):
         load_config("hi", "local", ["search.lam=[0.5, 0.1]"])
+    # Ranges and choices obey the limits of the settings they feed: they fail when the config loads,
+    # not as a traceback (empty choices) or as a sweep whose every trial errors (top_k 0, lr 0).
+    bad = {
+        "search.num_experts=[]": "search.num_experts: List should have at least 1 item",
+        "search.top_k=[0]": "search.top_k.0: Input should be greater than or equal to 1",
+        "search.num_experts=[2, 128]": "search.num_experts.1: Input should be less than or equal to 64",
+        "search.learning_rate=[0, 1e-3]": "search.learning_rate.0: Input should be greater than 0",
+        "search.temperature=[0, 0.1]": "search.temperature.0: Input should be greater than 0",
+        "search.lam=[0.1, 2]": "search.lam.1: Input should be less than or equal to 1",
+    }
+    for assignment, message in bad.items():
+        with pytest.raises(ConfigError, match=f"--set {re.escape(assignment)}: {re.escape(message)}"):
+            load_config("hi", "local", [assignment])
