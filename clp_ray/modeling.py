@@ -66,8 +66,7 @@ class Embedder(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         path = Path(name_or_path)
-        meta_file = path / META_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        meta = _read_meta(path)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
         moe = meta.get("moe")
         if moe:
@@ -206,10 +205,15 @@ def num_encoder_layers(model_cfg) -> int:
         raise ClpRayError(f"cannot read the layer count of {model_cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
 
 
+def _read_meta(path: str | os.PathLike) -> dict:
+    """A saved folder's ``clp_ray.json`` ({} for a hub id or a plain Hugging Face folder)."""
+    meta_file = Path(path) / META_FILE
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
 def is_moe_folder(name_or_path: str | os.PathLike) -> bool:
     """Whether a folder holds a model saved with its MoE layers (``load_embedder`` keeps them as saved)."""
-    meta = Path(name_or_path) / META_FILE
-    return meta.is_file() and bool(json.loads(meta.read_text()).get("moe"))
+    return bool(_read_meta(name_or_path).get("moe"))
 
 
 def load_embedder(model_cfg, moe_cfg=None) -> Embedder:

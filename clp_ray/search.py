@@ -255,15 +255,16 @@ def summarize(results) -> list[TrialSummary]:
     return out
 
 
-def run_sweep(cfg: ExperimentConfig, *, fresh: bool = False, parent_tracker=None, prep=None) -> list[TrialSummary]:
-    """Run (or resume) the sweep ``sweep_name(cfg)``; returns the trial summaries."""
+def run_sweep(cfg: ExperimentConfig, *, prep, num_layers: int, fresh: bool = False,
+              parent_tracker=None) -> list[TrialSummary]:
+    """Run (or resume) the sweep ``sweep_name(cfg)``; returns the trial summaries. ``prep`` and
+    ``num_layers`` come from the checks the tune job ran before any cluster work."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from clp_ray.modeling import num_encoder_layers
     from clp_ray.tracking import tracking_uri
-    from clp_ray.training import deepspeed_config, storage_path
+    from clp_ray.training import storage_path
 
     name = sweep_name(cfg)
     storage = storage_path(cfg)
@@ -272,9 +273,8 @@ def run_sweep(cfg: ExperimentConfig, *, fresh: bool = False, parent_tracker=None
         aside = exp_dir.with_name(f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(exp_dir), aside)
         log.info("--fresh: moved the previous sweep to %s", aside)
-    layers = num_encoder_layers(cfg.model)
     sweep = {
-        "name": name, "train_storage": f"{storage}/{name}-trials", "ds_config": deepspeed_config(cfg, cfg.ray.num_workers),
+        "name": name, "train_storage": f"{storage}/{name}-trials", "ds_config": prep.ds_config,
         "data_files": prep.data_files, "data_hash": prep.data_hash,
         "parent_run_id": parent_tracker.run_id if parent_tracker else None,
     }
@@ -296,8 +296,8 @@ def run_sweep(cfg: ExperimentConfig, *, fresh: bool = False, parent_tracker=None
         # Callbacks are not part of the saved state: attach them again.
         tuner._local_tuner._run_config.callbacks = callbacks
     else:
-        searcher = OptunaSearch(SearchSpace(cfg, layers), metric=METRIC, mode="max",
-                                points_to_evaluate=points_to_evaluate(cfg, layers), seed=cfg.search.seed)
+        searcher = OptunaSearch(SearchSpace(cfg, num_layers), metric=METRIC, mode="max",
+                                points_to_evaluate=points_to_evaluate(cfg, num_layers), seed=cfg.search.seed)
         # max_t one past the last report: the scheduler never stops a trial at its final report,
         # so the trial finishes its own bookkeeping.
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max", max_t=total_evals + 1,
@@ -386,7 +386,7 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         on_start=on_start)
     log.info("sweep %s: %d trials, MLflow parent run %s", name, cfg.search.num_samples, parent.run_id)
     try:
-        trials = run_sweep(cfg, fresh=fresh, parent_tracker=parent, prep=prep)
+        trials = run_sweep(cfg, prep=prep, num_layers=layers, fresh=fresh, parent_tracker=parent)
         completed = [t for t in trials if t.status == "completed" and t.model_path]
         if not completed:
             raise ClpRayError(f"no trial of sweep {name} completed ({', '.join(f'{t.trial_id}: {t.status}' for t in trials)})")

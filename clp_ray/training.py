@@ -80,7 +80,7 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict:
         raise ConfigError(f"deepspeed.stage = {stage}: {path} not found") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    except ValueError as e:  # a duplicate key
+    except ValueError as e:  # a duplicate key, or bytes that are not UTF-8
         raise ConfigError(f"{path}: {e}") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"{path}: expected a JSON object (DeepSpeed config), got {type(ds).__name__}")
