@@ -57,21 +57,48 @@ class EvalResult:
 # Loading.
 
 
-def _read_jsonl(path: Path, what: str) -> list[dict]:
+def _text_lines(path: Path):
+    """``(line number, text)`` of each line, decoded one line at a time so that invalid UTF-8 is
+    reported with its line instead of as a codec traceback from somewhere in the file."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid UTF-8 at byte {e.start}") from None
+
+
+def _read_jsonl(path: Path, what: str, text_fields: tuple[str, ...]) -> dict[str, str]:
+    """``{_id: text}`` from a BEIR JSONL file, the ``text_fields`` that are set joined by a space.
+
+    A repeated ``_id`` with different text is an error (a dict would silently keep the last one);
+    an exact repeat adds nothing and is accepted.
+    """
     if not path.is_file():
         raise DataError(f"{path}: {what} file not found")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON: {e.msg}") from None
-            if not isinstance(row, dict) or "_id" not in row:
-                raise DataError(f"{path}:{n}: _id: missing field")
-            rows.append(row)
+    rows: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for n, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: malformed JSON: {e.msg}") from None
+        if not isinstance(row, dict) or "_id" not in row:
+            raise DataError(f"{path}:{n}: _id: missing field")
+        if not isinstance(row["_id"], (str, int)) or isinstance(row["_id"], bool):
+            raise DataError(f"{path}:{n}: _id: expected a string or an integer, got {type(row['_id']).__name__}")
+        for key in text_fields:
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise DataError(f"{path}:{n}: {key}: expected a string, got {type(row[key]).__name__}")
+        doc_id = str(row["_id"])
+        text = " ".join(t for t in (row.get(key) or "" for key in text_fields) if t).strip()
+        if doc_id in rows and rows[doc_id] != text:
+            raise DataError(f"{path}:{n}: _id {doc_id!r} repeated with different text "
+                            f"(first at line {first_line[doc_id]})")
+        rows[doc_id] = text
+        first_line.setdefault(doc_id, n)
     return rows
 
 
@@ -100,37 +127,36 @@ def load_beir_files(corpus_file: str | os.PathLike, queries_file: str | os.PathL
     corpus_file, queries_file, qrels_file = Path(corpus_file), Path(queries_file), Path(qrels_file)
     if not qrels_file.is_file():
         raise DataError(f"{qrels_file}: qrels file not found")
-    corpus = {str(r["_id"]): " ".join(t for t in (r.get("title") or "", r.get("text") or "") if t).strip()
-              for r in _read_jsonl(corpus_file, "corpus")}
-    all_queries = {str(r["_id"]): r.get("text") or "" for r in _read_jsonl(queries_file, "queries")}
+    corpus = _read_jsonl(corpus_file, "corpus", ("title", "text"))
+    all_queries = _read_jsonl(queries_file, "queries", ("text",))
     qrels: dict[str, dict[str, int]] = {}
     unknown_q: set[str] = set()
     unknown_d: set[str] = set()
+    conflicting: set[tuple[str, str]] = set()
     bad_rows = 0
-    with open(qrels_file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if n == 1 and parts[0] in ("query-id", "qid"):
-                continue
-            if not line.strip():
-                continue
-            if len(parts) == 4:  # TREC qrels: qid iter docid rel
-                parts = [parts[0], parts[2], parts[3]]
-            if len(parts) != 3:
-                bad_rows += 1
-                continue
-            qid, did, rel = parts
-            try:
-                score = int(float(rel))
-            except ValueError:
-                bad_rows += 1
-                continue
-            if qid not in all_queries:
-                unknown_q.add(qid)
-            elif did not in corpus:
-                unknown_d.add(did)
-            else:
-                qrels.setdefault(qid, {})[did] = score
+    for n, line in _text_lines(qrels_file):
+        parts = line.rstrip("\r\n").split("\t")
+        if n == 1 and parts[0] in ("query-id", "qid"):
+            continue
+        if not line.strip():
+            continue
+        if len(parts) == 4:  # TREC qrels: qid iter docid rel
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3:
+            bad_rows += 1
+            continue
+        qid, did, rel = parts
+        try:
+            score = int(float(rel))
+        except (ValueError, OverflowError):  # "inf" overflows
+            bad_rows += 1
+            continue
+        if qid not in all_queries:
+            unknown_q.add(qid)
+        elif did not in corpus:
+            unknown_d.add(did)
+        elif qrels.setdefault(qid, {}).setdefault(did, score) != score:
+            conflicting.add((qid, did))
     problems = []
     if bad_rows:
         problems.append(f"{bad_rows} malformed row(s) (expected query-id<TAB>corpus-id<TAB>score)")
@@ -138,6 +164,13 @@ def load_beir_files(corpus_file: str | os.PathLike, queries_file: str | os.PathL
         problems.append(f"{len(unknown_q)} unknown query id(s), e.g. {sorted(unknown_q)[:3]}")
     if unknown_d:
         problems.append(f"{len(unknown_d)} unknown corpus id(s), e.g. {sorted(unknown_d)[:3]}")
+    if conflicting:
+        problems.append(f"{len(conflicting)} (query, document) pair(s) judged twice with different scores, "
+                        f"e.g. {sorted(conflicting)[:3]}")
+    # An empty query would still be encoded and scored, quietly dragging the metrics down.
+    blank = sorted(q for q in qrels if not all_queries[q])
+    if blank:
+        problems.append(f"{len(blank)} judged query id(s) with empty text in {queries_file}, e.g. {blank[:3]}")
     if problems:
         raise DataError(f"{qrels_file}: " + "; ".join(problems))
     queries = {q: all_queries[q] for q in sorted(qrels)}

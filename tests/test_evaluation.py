@@ -78,6 +78,38 @@ def test_load_beir_and_errors(tmp_path):
         load_beir(root, "test")
 
 
+def test_load_beir_rejects_rows_it_would_misread(tmp_path):
+    """Each of these used to end in a codec/TypeError traceback or in silently kept-last data."""
+    root = _beir(tmp_path, [("q1", "d1", 1)])
+    corpus, queries, qrels = root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / "test.tsv"
+    good_corpus, good_queries, good_qrels = corpus.read_bytes(), queries.read_bytes(), qrels.read_bytes()
+
+    def fails(path, content, pattern):
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=pattern):
+            load_beir(root, "test")
+        path.write_bytes({corpus: good_corpus, queries: good_queries, qrels: good_qrels}[path])
+
+    fails(corpus, good_corpus + b'{"_id": "d4", "text": "caf\xe9"}\n', r"corpus.jsonl:4: invalid UTF-8 at byte 26")
+    fails(queries, b'{"_id": "q1", "text": "\xff"}\n', r"queries.jsonl:1: invalid UTF-8")
+    fails(qrels, good_qrels + b"q1\td2\t\xff\n", r"test.tsv:3: invalid UTF-8")
+    fails(corpus, good_corpus + b'{"_id": "d4", "text": 5}\n', r"corpus.jsonl:4: text: expected a string, got int")
+    fails(corpus, good_corpus + b'{"_id": "d4", "title": ["a"]}\n', r"corpus.jsonl:4: title: expected a string, got list")
+    fails(corpus, good_corpus + b'{"_id": null, "text": "x"}\n', r"corpus.jsonl:4: _id: expected a string or an integer")
+    fails(corpus, good_corpus + b'{"_id": "d1", "title": "T", "text": "other"}\n',
+          r"corpus.jsonl:4: _id 'd1' repeated with different text \(first at line 1\)")
+    fails(queries, good_queries + b'{"_id": "q1", "text": "changed"}\n', r"queries.jsonl:3: _id 'q1' repeated")
+    fails(queries, b'{"_id": "q1", "text": ""}\n', r"1 judged query id\(s\) with empty text in .*queries.jsonl, e.g. \['q1'\]")
+    fails(qrels, good_qrels + b"q1\td1\t0\n",
+          r"1 \(query, document\) pair\(s\) judged twice with different scores, e.g. \[\('q1', 'd1'\)\]")
+    fails(qrels, good_qrels + b"q1\td2\tinf\n", r"1 malformed row")
+    # Harmless repeats and Windows line ends load as before.
+    corpus.write_bytes(good_corpus + good_corpus.splitlines(keepends=True)[0])
+    qrels.write_bytes(good_qrels.replace(b"\n", b"\r\n") + b"q1\td1\t1\r\n")
+    data = load_beir(root, "test")
+    assert len(data.corpus) == 3 and data.qrels == {"q1": {"d1": 1}}
+
+
 def test_miracl_without_hub_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
