@@ -233,6 +233,28 @@ def load_embedder(model_cfg, moe_cfg=None) -> Embedder:
     return emb
 
 
+def absolute_model_ref(ref: str) -> str:
+    """``ref`` as any process can read it: a local model folder becomes an absolute path; ``tiny``,
+    hub ids and ``models:/``/``runs:/`` URIs are returned as given.
+
+    Ray workers and actors run in another working directory, where a relative folder is not found
+    and transformers takes its name for a hub id (a network error a minute into the job). A name
+    that starts with ``.``, ``/`` or ``~`` is always a folder; any other name is one if it exists.
+    """
+    from clp_ray.errors import ClpRayError
+
+    if ref == "tiny" or ref.startswith(("models:/", "runs:/")):
+        return ref
+    path = Path(ref).expanduser()
+    if not (ref.startswith((".", "/", "~")) or path.is_dir()):
+        return ref  # a hub id
+    if not path.is_dir():
+        raise ClpRayError(f"model folder {ref} not found")
+    if not (path / "config.json").is_file():
+        raise ClpRayError(f"{ref} is not a model folder: it has no config.json")
+    return str(path.resolve())
+
+
 def load_model_ref(ref: str, model_cfg=None) -> Embedder:
     """Load what a user names with ``--model``: ``tiny``, a local folder (MoE folders included), a
     hub id, or an MLflow registry URI ``models:/<name>@<alias>`` / ``models:/<name>/<version>``.
@@ -248,12 +270,8 @@ def load_model_ref(ref: str, model_cfg=None) -> Embedder:
         from clp_ray.config import ModelConfig
 
         source: str | Path = tiny_model_path((model_cfg or ModelConfig()).tiny)
-    elif ref.startswith((".", "/", "~")):  # a local folder, never a hub id
-        source = Path(ref).expanduser()
-        if not source.is_dir():
-            raise ClpRayError(f"model folder {ref} not found")
     else:
-        source = ref  # a hub id, or a relative folder that exists
+        source = absolute_model_ref(ref)
     try:
         return Embedder.from_pretrained(source)
     except (OSError, ValueError) as e:

@@ -360,8 +360,9 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         registered_model_name,
         resume_or_start_run,
     )
-    from clp_ray.training import check_moe_layers, check_resources, ensure_ray, prepare
+    from clp_ray.training import check_moe_layers, check_resources, ensure_ray, prepare, resolve_model_path
 
+    cfg = resolve_model_path(cfg)
     name = sweep_name(cfg)
     # Everything that can fail on user input fails here, before any cluster work.
     layers = num_encoder_layers(cfg.model)

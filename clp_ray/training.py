@@ -470,6 +470,20 @@ def check_resources(cfg: ExperimentConfig) -> None:
             "per-worker resources, or set ray.autoscaling = true on an autoscaling cluster")
 
 
+def resolve_model_path(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``model.name_or_path`` made absolute when it names a local folder, checked on the
+    driver (see :func:`clp_ray.modeling.absolute_model_ref`: the workers run elsewhere)."""
+    from clp_ray.modeling import absolute_model_ref
+
+    try:
+        ref = absolute_model_ref(cfg.model.name_or_path)
+    except ClpRayError as e:
+        raise ConfigError(f"{cfg.cite('model.name_or_path')}: {e}") from None
+    if ref == cfg.model.name_or_path:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": ref})})
+
+
 def check_moe_layers(cfg: ExperimentConfig, num_layers: Optional[int] = None) -> None:
     """``moe.layers`` against the model's layer count, on the driver: the workers would otherwise
     find a bad index only after Ray and DeepSpeed have started (a minute on the local profile).
@@ -597,6 +611,7 @@ def run_training(cfg: ExperimentConfig) -> TrainResult:
     """jobs/train.py: checks, Ray, MLflow, fit, final artifacts. User errors raise ClpRayError."""
     from ray.train import TrainingFailedError
 
+    cfg = resolve_model_path(cfg)
     check_moe_layers(cfg)
     prep = prepare(cfg)
     ensure_ray(cfg)

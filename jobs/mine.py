@@ -26,7 +26,7 @@ def main(args) -> dict:
     from clp_ray.errors import ClpRayError
     from clp_ray.evaluation import load_beir, load_beir_files
     from clp_ray.mining import encode_with_ray_data, mine, search_with_ray_data, write_records
-    from clp_ray.modeling import load_model_ref
+    from clp_ray.modeling import absolute_model_ref, load_model_ref
 
     cfg = config_from_args(args)
     check_writable(args.out, "--out")
@@ -37,7 +37,8 @@ def main(args) -> dict:
         data = load_beir_files(args.corpus, args.queries, args.qrels, name="mining")
     else:
         raise ClpRayError("give --data DIR|miracl://<lang> [--split train], or all of --corpus, --queries and --qrels")
-    model_ref = args.model or cfg.model.name_or_path
+    # Absolute: the Ray Data actors load the model in another working directory.
+    model_ref = absolute_model_ref(args.model or cfg.model.name_or_path)
     embedder = load_model_ref(model_ref, cfg.model)  # fails early on a bad model reference
     doc_ids, qids = list(data.corpus), list(data.queries)
     corpus_texts, query_texts = [data.corpus[d] for d in doc_ids], [data.queries[q] for q in qids]

@@ -92,3 +92,21 @@ def test_tiny_model_is_deterministic_and_cached(tmp_path, monkeypatch):
     assert ea.encoder.config.hidden_size == 32 and ea.encoder.config.num_hidden_layers == 2
     ids = ea.tokenizer("셀 보호")["input_ids"]
     assert ids[0] == ea.tokenizer.cls_token_id and ids[-1] == ea.tokenizer.sep_token_id
+
+
+def test_absolute_model_ref(tiny_path, tmp_path, monkeypatch):
+    import shutil
+
+    from clp_ray.errors import ClpRayError
+    from clp_ray.modeling import absolute_model_ref
+
+    shutil.copytree(tiny_path, tmp_path / "m")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for ref in ("tiny", "BAAI/bge-m3", "models:/clp-ray-hi@champion", "runs:/abc/model"):
+        assert absolute_model_ref(ref) == ref  # not folders: left to their loaders
+    assert absolute_model_ref("m") == absolute_model_ref("./m") == str(tmp_path / "m")
+    with pytest.raises(ClpRayError, match=r"model folder \./missing not found"):
+        absolute_model_ref("./missing")
+    with pytest.raises(ClpRayError, match="empty is not a model folder: it has no config.json"):
+        absolute_model_ref("empty")

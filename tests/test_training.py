@@ -1,5 +1,6 @@
 """Ray Train + DeepSpeed end to end on CPU (2 workers, gloo)."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,11 +99,15 @@ def test_zero_stage_trains_moe_only(stage, tmp_path, small_data, ray_local):
         assert (Path(result.checkpoint_path) / f"rng_rank{rank}.pt").exists()
 
 
-def test_fault_injection_resume_and_rerun(tmp_path, small_data, ray_local):
+def test_fault_injection_resume_and_rerun(tmp_path, small_data, ray_local, tiny_path, monkeypatch):
     from clp_ray.modeling import Embedder
     from clp_ray.training import run_training
 
-    common = ["train.max_steps=6", "train.eval_every_steps=2"]
+    # The model is a relative folder (a copy of the tiny one): the Train workers run in another
+    # working directory, so this only works because the driver makes the path absolute.
+    shutil.copytree(tiny_path, tmp_path / "base-model")
+    monkeypatch.chdir(tmp_path)
+    common = ["train.max_steps=6", "train.eval_every_steps=2", "model.name_or_path=base-model"]
     clean = run_training(make_cfg(tmp_path / "clean", small_data, *common))
     assert clean.metrics["step"] == 6 and clean.metrics["attempt"] == 1
 
@@ -149,6 +154,13 @@ def test_bad_input_fails_before_workers_start(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and "Started a local Ray instance" not in p.stderr
     assert (f"error: train.output_dir = {tmp_path / 'a-file' / 'runs'} (--set train.output_dir={tmp_path / 'a-file' / 'runs'}): "
             f"cannot write to {tmp_path / 'a-file' / 'runs'} ({tmp_path / 'a-file'} is a file, not a folder)") in p.stderr
+    p = run_train_job("--set", f"model.name_or_path={tmp_path / 'no-model'}")
+    assert p.returncode == 2 and "Started a local Ray instance" not in p.stderr
+    assert (f"error: model.name_or_path = {tmp_path / 'no-model'} (--set model.name_or_path={tmp_path / 'no-model'}): "
+            f"model folder {tmp_path / 'no-model'} not found") in p.stderr
+    p = run_train_job("--set", f"model.name_or_path={tmp_path}")
+    assert p.returncode == 2 and f"{tmp_path} is not a model folder: it has no config.json" in p.stderr
+    assert "Started a local Ray instance" not in p.stderr
     p = run_train_job("--set", "ray.num_workers=64", "--set", "ray.num_cpus=2", "--set", f"train.output_dir={tmp_path}")
     assert p.returncode == 2, p.stderr[-3000:]
     assert "ray.num_workers = 64 workers need 64 CPU (cluster has 2)" in p.stderr
