@@ -13,6 +13,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -87,6 +88,51 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def _quick_http():
+    """MLflow retries a failed HTTP request 7 times with exponential backoff (about 5 minutes for
+    a server that is down); right for a blip in a long job, not for a first contact."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_tracking(cfg: ExperimentConfig) -> str:
+    """Reach the tracking store once on the driver, before any cluster work: an unwritable SQLite
+    path, an unknown URI scheme or a server that is down otherwise fails only when the first run
+    is opened, after Ray has started (a server that is down, after minutes of retries)."""
+    from mlflow import MlflowClient
+
+    from clp_ray.atomic import check_writable
+
+    uri = tracking_uri(cfg)
+    if cfg.tracking.tracking_uri:
+        where = cfg.cite("tracking.tracking_uri")
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        where = f"$MLFLOW_TRACKING_URI = {uri}"
+    else:
+        where = f"the default MLflow store {uri}"
+    if uri.startswith("sqlite:///"):
+        check_writable(uri.removeprefix("sqlite:///"), where)
+    with _quick_http():
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as e:  # any failure (unknown scheme, refused, auth, a broken DB) means the same here
+            text = getattr(e, "message", None) or str(e) or type(e).__name__
+            raise ClpRayError(f"{where}: cannot use this MLflow tracking store: "
+                              f"{type(e).__name__}: {text.strip().splitlines()[0]}") from None
+    return uri
 
 
 def ensure_experiment(cfg: ExperimentConfig) -> tuple[str, str]:

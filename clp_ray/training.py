@@ -512,6 +512,7 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[str] = None) -> PreparedRun
     """All checks that can fail on user input, before any cluster work: config consistency,
     DeepSpeed config, data validation (rejects written next to the run outputs)."""
     from clp_ray.data import load_records, split_train_dev, validate
+    from clp_ray.tracking import check_tracking
 
     if not cfg.moe.enabled and cfg.moe.train_only == "moe":
         raise ConfigError(f"{cfg.cite('moe.train_only')} trains only MoE layers, but "
@@ -522,6 +523,7 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[str] = None) -> PreparedRun
     name = name or run_name(cfg)
     ds_config = deepspeed_config(cfg, cfg.ray.num_workers)
     check_writable(cfg.train.output_dir, cfg.cite("train.output_dir"), folder=True)
+    check_tracking(cfg)
     out_dir = Path(cfg.train.output_dir).resolve() / name
     report = validate(cfg.data.train_paths, lam=cfg.loss.lam, group_size=cfg.data.train_group_size,
                       max_line_bytes=cfg.data.max_line_bytes, on_bad_record=cfg.data.on_bad_record,

@@ -110,3 +110,30 @@ def test_registered_model_loads_in_a_fresh_process(mlflow_cfg, moe_folder, tmp_p
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(summary.read_text())["metrics"]["ndcg@10"] > 0
+
+
+def test_check_tracking_fails_fast_with_the_setting(mlflow_cfg, tmp_path, monkeypatch):
+    import time
+
+    from clp_ray.errors import ClpRayError
+    from clp_ray.tracking import check_tracking
+
+    assert check_tracking(mlflow_cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert (tmp_path / "mlflow.db").is_file()
+    (tmp_path / "a-file").write_text("")
+    cases = {
+        f"sqlite:///{tmp_path / 'a-file' / 'm.db'}": r"cannot write to .*a-file/m.db \(.*a-file is a file, not a folder\)",
+        "bogus://x": r"cannot use this MLflow tracking store: Unsupported.*'bogus://x'",
+        # Port 9 (discard) refuses at once; MLflow's default retries would take about 5 minutes.
+        "http://127.0.0.1:9": r"cannot use this MLflow tracking store: MlflowException: API request to http://127.0.0.1:9/",
+    }
+    for uri, pattern in cases.items():
+        cfg = load_config("hi", "local", [f"tracking.tracking_uri={uri}"])
+        t = time.monotonic()
+        with pytest.raises(ClpRayError, match=rf"^tracking.tracking_uri = {uri} \(--set tracking.tracking_uri={uri}\): {pattern}"):
+            check_tracking(cfg)
+        assert time.monotonic() - t < 60
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the quick settings are restored
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://env")
+    with pytest.raises(ClpRayError, match=r"^\$MLFLOW_TRACKING_URI = bogus://env: cannot use"):
+        check_tracking(load_config("hi", "local"))

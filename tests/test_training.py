@@ -161,7 +161,8 @@ def test_bad_input_fails_before_workers_start(tmp_path):
     p = run_train_job("--set", f"model.name_or_path={tmp_path}")
     assert p.returncode == 2 and f"{tmp_path} is not a model folder: it has no config.json" in p.stderr
     assert "Started a local Ray instance" not in p.stderr
-    p = run_train_job("--set", "ray.num_workers=64", "--set", "ray.num_cpus=2", "--set", f"train.output_dir={tmp_path}")
+    p = run_train_job("--set", "ray.num_workers=64", "--set", "ray.num_cpus=2", "--set", f"train.output_dir={tmp_path}",
+                      "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
     assert p.returncode == 2, p.stderr[-3000:]
     assert "ray.num_workers = 64 workers need 64 CPU (cluster has 2)" in p.stderr
     assert "RayTrainWorker" not in p.stderr
