@@ -17,7 +17,7 @@ from typing import Optional
 
 from clp_ray.atomic import check_writable, write_json
 from clp_ray.config import ExperimentConfig, load_config
-from clp_ray.errors import ClpRayError
+from clp_ray.errors import ClpRayError, JobInterrupted
 
 EXIT_USER_ERROR = 2
 
@@ -63,6 +63,9 @@ def run_job(main: Callable[[argparse.Namespace], dict], args: argparse.Namespace
         if args.summary:
             check_writable(args.summary, "--summary")
         summary: Optional[dict] = main(args)
+    except JobInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     except ClpRayError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -13,3 +13,8 @@ class ConfigError(ClpRayError):
 
 class DataError(ClpRayError):
     """Input data is missing or malformed; the message names the file and line."""
+
+
+class JobInterrupted(ClpRayError):
+    """The job was stopped (Ctrl+C) with its state saved; re-running the same command resumes it.
+    Jobs exit 130 for it, as for an interrupt."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Optional
 from ray.tune import Callback
 
 from clp_ray.config import ExperimentConfig
-from clp_ray.errors import ClpRayError, ConfigError
+from clp_ray.errors import ClpRayError, ConfigError, JobInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -268,11 +267,12 @@ def run_sweep(cfg: ExperimentConfig, *, prep, num_layers: int, fresh: bool = Fal
 
     name = sweep_name(cfg)
     storage = storage_path(cfg)
-    exp_dir = Path(storage) / name
-    if fresh and exp_dir.exists():
-        aside = exp_dir.with_name(f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(str(exp_dir), aside)
-        log.info("--fresh: moved the previous sweep to %s", aside)
+    # A string, not a Path: storage may be a URI (s3://...), which Path would turn into "s3:/...".
+    exp_dir = f"{storage.rstrip('/')}/{name}"
+    if fresh:
+        aside = move_aside(exp_dir, f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        if aside:
+            log.info("--fresh: moved the previous sweep to %s", aside)
     sweep = {
         "name": name, "train_storage": f"{storage}/{name}-trials", "ds_config": prep.ds_config,
         "data_files": prep.data_files, "data_hash": prep.data_hash,
@@ -289,9 +289,9 @@ def run_sweep(cfg: ExperimentConfig, *, prep, num_layers: int, fresh: bool = Fal
     if parent_tracker:
         callbacks.append(EndStoppedRunsCallback(parent_tracker.uri, parent_tracker.run_id))
     run_config = ray.tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1)
-    if not fresh and ray.tune.Tuner.can_restore(str(exp_dir)):
+    if not fresh and ray.tune.Tuner.can_restore(exp_dir):
         log.info("resuming sweep %s from %s", name, exp_dir)
-        tuner = ray.tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, restart_errored=True,
+        tuner = ray.tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, restart_errored=True,
                                        param_space=None)
         # Callbacks are not part of the saved state: attach them again.
         tuner._local_tuner._run_config.callbacks = callbacks
@@ -311,11 +311,39 @@ def run_sweep(cfg: ExperimentConfig, *, prep, num_layers: int, fresh: bool = Fal
         )
     logging.getLogger("tensorboardX").setLevel(logging.WARNING)
     results = tuner.fit()
-    finished = results.num_terminated + results.num_errors
-    if finished < cfg.search.num_samples:
-        raise ClpRayError(f"sweep {name} stopped with {finished} of {cfg.search.num_samples} trials finished; "
-                          "re-run the same command to resume it")
+    # On Ctrl+C Tune saves its state and returns normally, with the trials it stopped marked
+    # TERMINATED like finished ones (as pruned ones are): only the saved state tells them apart.
+    unfinished = unfinished_trials(exp_dir)
+    finished = results.num_terminated + results.num_errors - len(unfinished)
+    if unfinished or finished < cfg.search.num_samples:
+        raise JobInterrupted(f"sweep {name} stopped with {finished} of {cfg.search.num_samples} trials finished "
+                             f"(state saved in {exp_dir}); re-run the same command to resume it")
     return summarize(results)
+
+
+def unfinished_trials(exp_dir: str) -> list[str]:
+    """Ids of the trials that the sweep's saved state holds as not yet finished (neither
+    TERMINATED nor ERROR): after ``Tuner.fit()`` returns, these were stopped by an interrupt."""
+    from ray.tune import ExperimentAnalysis
+
+    return [t.trial_id for t in ExperimentAnalysis(exp_dir).trials if t.status not in ("TERMINATED", "ERROR")]
+
+
+def move_aside(path: str, new_name: str) -> Optional[str]:
+    """Rename ``path`` (a local folder or a URI such as ``s3://bucket/x``) to ``new_name`` in the
+    same parent; returns the new location, or None when nothing is there."""
+    import pyarrow.fs as pafs
+
+    fs, where = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    if fs.get_file_info(where).type == pafs.FileType.NotFound:
+        return None
+    dest = f"{where.rstrip('/').rsplit('/', 1)[0]}/{new_name}"
+    try:
+        fs.move(where, dest)
+    except (OSError, NotImplementedError):  # object stores cannot rename a folder: copy, then delete
+        pafs.copy_files(where, dest, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(where)
+    return f"{path.split('://', 1)[0]}://{dest}" if "://" in path else dest
 
 
 def _evals_per_trial(cfg: ExperimentConfig, prep) -> int:
@@ -418,6 +446,9 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
 
         promotion = promote_if_better(parent.uri, reg_name, mv.version, rescore=rescore)
         parent.set_tags({"clp_ray.registered_version": mv.version, "clp_ray.promotion": promotion.reason})
+    except (JobInterrupted, KeyboardInterrupt):
+        parent.end("KILLED")  # resumable: the next run of the same command continues this MLflow run
+        raise
     except BaseException:
         parent.end("FAILED")
         raise

@@ -71,3 +71,64 @@ def test_invalid_space_is_a_config_error():
     for assignment, message in bad.items():
         with pytest.raises(ConfigError, match=f"--set {re.escape(assignment)}: {re.escape(message)}"):
             load_config("hi", "local", [assignment])
+
+
+@pytest.mark.timeout(300)
+def test_interrupted_tune_run_is_told_apart_from_a_finished_one(tmp_path):
+    """Ctrl+C makes Tune save its state and return normally, the stopped trials marked TERMINATED
+    in the returned results like finished ones; run_sweep tells them apart by the saved state."""
+    import os
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    import ray
+    from ray import tune
+
+    from clp_ray.search import unfinished_trials
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def marking_trainable(config):  # nested: pickled by value (workers cannot import this test module)
+        Path(config["marks"], f"{config['i']}").write_text("")
+        for step in range(300):  # ~30 s unless stopped
+            tune.report({"step": step})
+            time.sleep(0.1)
+
+
+    def interrupt_when_both_run():
+        deadline = time.time() + 120
+        while len(list(marks.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)  # Tune's handler (main thread) catches it
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        space = {"i": tune.grid_search([0, 1]), "marks": str(marks)}
+        run = tune.RunConfig(name="stopped", storage_path=str(tmp_path / "runs"), verbose=0)
+        threading.Thread(target=interrupt_when_both_run, daemon=True).start()
+        results = tune.Tuner(marking_trainable, param_space=space, run_config=run).fit()
+        assert results.num_terminated == 2  # looks finished...
+        assert len(unfinished_trials(str(tmp_path / "runs" / "stopped"))) == 2  # ...but was stopped
+
+        quick = tune.with_parameters(lambda config: tune.report({"step": 0}))
+        run = tune.RunConfig(name="done", storage_path=f"file://{tmp_path / 'runs'}", verbose=0)
+        assert tune.Tuner(quick, run_config=run).fit().num_terminated == 1
+        assert unfinished_trials(f"file://{tmp_path / 'runs' / 'done'}") == []
+    finally:
+        ray.shutdown()
+
+
+def test_move_aside_local_and_uri(tmp_path):
+    from clp_ray.search import move_aside
+
+    (tmp_path / "sweep" / "trial").mkdir(parents=True)
+    (tmp_path / "sweep" / "trial" / "state.json").write_text("{}")
+    assert move_aside(str(tmp_path / "sweep"), "sweep.old-1") == str(tmp_path / "sweep.old-1")
+    assert (tmp_path / "sweep.old-1" / "trial" / "state.json").read_text() == "{}" and not (tmp_path / "sweep").exists()
+    uri = f"file://{tmp_path / 'sweep.old-1'}"
+    assert move_aside(uri, "sweep.old-2") == f"file://{tmp_path / 'sweep.old-2'}"
+    assert (tmp_path / "sweep.old-2" / "trial" / "state.json").is_file()
+    assert move_aside(str(tmp_path / "missing"), "x") is None

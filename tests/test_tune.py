@@ -95,7 +95,9 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path, s
         assert time.time() < deadline, "".join(lines[-50:])
     rest, _ = proc.communicate(timeout=300)
     lines.append(rest)
-    assert proc.returncode != 0, "".join(lines[-40:])
+    out = "".join(lines)
+    assert proc.returncode == 130, out[-4000:]
+    assert "interrupted: sweep tune-hi-" in out and "re-run the same command to resume it" in out
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("clp-ray-hi")
     finished_before = {r.data.tags["clp_ray.trial_id"] for r in client.search_runs(
