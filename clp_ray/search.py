@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,13 +236,19 @@ class EndStoppedRunsCallback(Callback):
         self._finish(trial, "errored", "FAILED")
 
 
-def summarize(results) -> list[TrialSummary]:
+def summarize(results, storage: str) -> list[TrialSummary]:
+    """Trial summaries; model paths are locations on the run storage ``storage`` (URIs when remote)."""
+    from clp_ray.storage import folder_exists, join, location
+    from clp_ray.training import MODEL_DIR
+
     out = []
     for r in results:
         m = r.metrics or {}
         status = "errored" if r.error else ("completed" if m.get("final") else "pruned")
-        ckpt = m.get("checkpoint_path")
-        model_path = f"{ckpt}/model" if ckpt and m.get("final") and os.path.isdir(f"{ckpt}/model") else None
+        ckpt = m.get("checkpoint_path")  # a path inside the storage's filesystem (no scheme)
+        model_path = join(location(storage, ckpt), MODEL_DIR) if ckpt and m.get("final") else None
+        if model_path and not folder_exists(model_path):
+            model_path = None
         hist: list[tuple[int, float]] = []
         df = r.metrics_dataframe
         if df is not None and METRIC in df:
@@ -262,19 +267,20 @@ def run_sweep(cfg: ExperimentConfig, *, prep, num_layers: int, fresh: bool = Fal
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from clp_ray.storage import join
     from clp_ray.tracking import tracking_uri
     from clp_ray.training import storage_path
 
     name = sweep_name(cfg)
     storage = storage_path(cfg)
     # A string, not a Path: storage may be a URI (s3://...), which Path would turn into "s3:/...".
-    exp_dir = f"{storage.rstrip('/')}/{name}"
+    exp_dir = join(storage, name)
     if fresh:
         aside = move_aside(exp_dir, f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         if aside:
             log.info("--fresh: moved the previous sweep to %s", aside)
     sweep = {
-        "name": name, "train_storage": f"{storage}/{name}-trials", "ds_config": prep.ds_config,
+        "name": name, "train_storage": join(storage, f"{name}-trials"), "ds_config": prep.ds_config,
         "data_files": prep.data_files, "data_hash": prep.data_hash,
         "parent_run_id": parent_tracker.run_id if parent_tracker else None,
     }
@@ -318,7 +324,7 @@ def run_sweep(cfg: ExperimentConfig, *, prep, num_layers: int, fresh: bool = Fal
     if unfinished or finished < cfg.search.num_samples:
         raise JobInterrupted(f"sweep {name} stopped with {finished} of {cfg.search.num_samples} trials finished "
                              f"(state saved in {exp_dir}); re-run the same command to resume it")
-    return summarize(results)
+    return summarize(results, storage)
 
 
 def unfinished_trials(exp_dir: str) -> list[str]:
@@ -379,6 +385,7 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
     from clp_ray.evaluation import evaluate, load_beir
     from clp_ray.modeling import Embedder, num_encoder_layers
     from clp_ray.plots import write_sweep_plots
+    from clp_ray.storage import local_folder
     from clp_ray.tracking import (
         git_commit,
         load_registered_embedder,
@@ -422,7 +429,9 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         best = max(completed, key=lambda t: t.dev_metric if t.dev_metric is not None else -1.0)
         best_cfg = apply_params(cfg, best.params)
         log.info("best trial %s: %s = %.4f; evaluating on %s", best.trial_id, METRIC, best.dev_metric, test_set.name)
-        res = evaluate(Embedder.from_pretrained(best.model_path), test_set, batch_size=cfg.eval.batch_size,
+        # A local copy when the trials' storage is remote (s3://...).
+        best_model = local_folder(best.model_path, Path(cfg.train.output_dir).resolve() / name)
+        res = evaluate(Embedder.from_pretrained(best_model), test_set, batch_size=cfg.eval.batch_size,
                        chunk_size=cfg.eval.chunk_size, top_k=cfg.eval.top_k, show_progress=True)
         test = res.metrics
         eval_hash = test_set.content_hash()
@@ -437,7 +446,7 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
                 **{f"test_{metric_key(k)}": v for k, v in test.items()},
                 "data_hash": prep.data_hash, "eval_set_hash": eval_hash, "git_commit": git_commit(),
                 "trial_id": best.trial_id, "sweep": name}
-        mv = log_embedder_model(parent, best.model_path, registered_name=reg_name, tags=tags)
+        mv = log_embedder_model(parent, best_model, registered_name=reg_name, tags=tags)
 
         def rescore(model_uri: str) -> float:
             emb = load_registered_embedder(model_uri)

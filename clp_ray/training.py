@@ -32,6 +32,7 @@ from torch import nn
 from clp_ray.atomic import check_writable
 from clp_ray.config import ExperimentConfig, default_config_dir
 from clp_ray.errors import ClpRayError, ConfigError
+from clp_ray.storage import folder_exists, join, local_folder, location
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +421,7 @@ class PreparedRun:
 
     @property
     def run_dir(self) -> str:
-        return f"{self.storage.rstrip('/')}/{self.name}"
+        return join(self.storage, self.name)
 
 
 RUNTIME_ENV_VARS = {
@@ -546,6 +547,7 @@ class TrainResult:
     model_path: Optional[str]
     metrics: dict[str, Any]
     mlflow_run_id: Optional[str] = None
+    local_model_path: Optional[str] = None  # model_path, or its local copy when the storage is remote
 
 
 def fit(prep: PreparedRun, *, tracker=None, callbacks: Optional[list] = None) -> TrainResult:
@@ -575,8 +577,11 @@ def fit(prep: PreparedRun, *, tracker=None, callbacks: Optional[list] = None) ->
     )
     result = trainer.fit()
     ckpt = result.checkpoint
-    ckpt_path = ckpt.path if ckpt else None
-    model_path = f"{ckpt_path}/{MODEL_DIR}" if ckpt_path and os.path.isdir(f"{ckpt_path}/{MODEL_DIR}") else None
+    # Locations on the run storage: local paths, or URIs when it is remote (s3://...).
+    ckpt_path = location(prep.storage, ckpt.path) if ckpt else None
+    model_path = join(ckpt_path, MODEL_DIR) if ckpt_path else None
+    if model_path and not folder_exists(model_path):
+        model_path = None
     return TrainResult(prep.name, prep.run_dir, ckpt_path, model_path, dict(result.metrics or {}),
                        tracker.run_id if tracker else None)
 
@@ -629,6 +634,8 @@ def run_training(cfg: ExperimentConfig) -> TrainResult:
         tracker.end("KILLED")
         raise
     if result.model_path:
-        tracker.log_artifacts(result.model_path, "model")
+        # On remote storage (s3://...) a local copy under train.output_dir, for MLflow and the user.
+        result.local_model_path = str(local_folder(result.model_path, Path(cfg.train.output_dir).resolve() / prep.name))
+        tracker.log_artifacts(result.local_model_path, "model")
     tracker.end("FINISHED")
     return result

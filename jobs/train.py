@@ -31,9 +31,12 @@ def main(args) -> dict:
         before = init.get(k)
         print(f"  {k:<16} {v:.4f}" + (f"   (untrained {before:.4f})" if before is not None else ""))
     print(f"model: {result.model_path}")
+    if result.local_model_path and result.local_model_path != result.model_path:
+        print(f"local copy: {result.local_model_path}")
     print(f"MLflow run: {result.mlflow_run_id}")
     return {"run_name": result.name, "run_dir": result.run_dir, "checkpoint": result.checkpoint_path,
-            "model_path": result.model_path, "metrics": m, "mlflow_run_id": result.mlflow_run_id}
+            "model_path": result.model_path, "local_model_path": result.local_model_path, "metrics": m,
+            "mlflow_run_id": result.mlflow_run_id}
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypat
     # directories of their own, must still log into the driver's database.
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_config("hi", "local", sweep_sets(tmp_path, small_data, tracking=False))
+    # Trials on URI storage (as s3:// on the cluster profile): sweep state, checkpoints and the
+    # best model are reached through pyarrow's filesystem, the model copied locally to register it.
+    cfg = load_config("hi", "local", sweep_sets(tmp_path, small_data, f"train.storage_path=file://{tmp_path / 'ray'}",
+                                                tracking=False))
     ensure_ray(cfg)
     try:
         out = run_tune_job(cfg)
@@ -54,6 +57,7 @@ def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypat
     assert s.learning_rate[0] <= p["learning_rate"] <= s.learning_rate[1]
     assert p["num_experts"] in s.num_experts and p["top_k"] in s.top_k and 0 <= p["moe_layer"] <= 3
     assert out.best.dev_metric == max(t.dev_metric for t in out.trials if t.status == "completed")
+    assert out.best.model_path.startswith(f"file://{tmp_path / 'ray'}/") and out.best.model_path.endswith("/model")
     assert set(out.test_metrics) == {"ndcg@10", "ndcg@5", "recall@100", "mrr@10"}
 
     client = MlflowClient(tracking_uri(cfg))

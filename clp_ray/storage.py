@@ -1,0 +1,71 @@
+"""Folders on the run storage (``train.storage_path``): a local folder, or a URI such as
+``s3://bucket/ray_results`` (the cluster profile), ``gs://…`` or ``file://…``.
+
+Ray reports checkpoint paths *inside* the storage's filesystem (``bucket/ray_results/…`` for S3,
+no scheme), so a checkpoint's model folder is neither a local path the driver can open nor a URI
+another process can. :func:`location` turns it back into a URI on the same storage (its query
+options, e.g. ``?endpoint_override=…`` for MinIO, kept), and :func:`local_folder` gives the driver a
+local copy of it for evaluation and for the MLflow registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def location(storage: str, fs_path: str) -> str:
+    """``fs_path`` (a path in ``storage``'s filesystem, as Ray reports it) as a local path or URI."""
+    if not is_uri(storage):
+        return fs_path
+    scheme, rest = storage.split("://", 1)
+    query = rest.split("?", 1)[1] if "?" in rest else ""
+    path = fs_path if scheme == "file" else fs_path.lstrip("/")
+    return f"{scheme}://{path}" + (f"?{query}" if query else "")
+
+
+def join(loc: str, name: str) -> str:
+    """``loc/name``, before any ``?query`` of a URI."""
+    base, sep, query = loc.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def _fs(loc: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(loc) if is_uri(loc) else (pafs.LocalFileSystem(), os.path.abspath(loc))
+
+
+def folder_exists(loc: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(loc)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def local_folder(loc: str, cache_dir: str | os.PathLike) -> Path:
+    """``loc`` itself when it is local; else a copy under ``cache_dir``, downloaded once (a
+    checkpoint never changes under its path) and atomically (temp folder + rename)."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(loc):
+        return Path(loc)
+    dest = Path(cache_dir) / f"{Path(loc.split('?', 1)[0]).name}-{hashlib.sha1(loc.encode()).hexdigest()[:10]}"
+    if dest.is_dir():
+        return dest
+    fs, path = _fs(loc)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)  # copy_files does not create the destination folder
+    try:
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,0 +1,30 @@
+"""Run-storage locations: local folders and URIs (s3://, file://) as Ray reports them."""
+
+from clp_ray.storage import folder_exists, join, local_folder, location
+
+
+def test_location_and_join_keep_scheme_and_options():
+    # Ray reports S3 checkpoint paths without the scheme: bucket/prefix/...
+    s3 = "s3://bucket/ray_results?endpoint_override=http://minio:9000"
+    loc = location(s3, "bucket/ray_results/run/checkpoint_1")
+    assert loc == "s3://bucket/ray_results/run/checkpoint_1?endpoint_override=http://minio:9000"
+    assert join(loc, "model") == "s3://bucket/ray_results/run/checkpoint_1/model?endpoint_override=http://minio:9000"
+    assert location("file:///data/ray", "/data/ray/run/c") == "file:///data/ray/run/c"
+    assert location("/data/ray", "/data/ray/run/c") == "/data/ray/run/c"  # local storage: unchanged
+    assert join("/data/ray/", "run") == "/data/ray/run"
+
+
+def test_local_folder_copies_a_uri_once_and_leaves_local_paths(tmp_path):
+    src = tmp_path / "storage" / "ckpt" / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "w.bin").write_bytes(b"\0" * 10)
+    assert local_folder(str(src), tmp_path / "cache") == src  # local: no copy
+    uri = f"file://{src}"
+    assert folder_exists(uri) and folder_exists(str(src)) and not folder_exists(f"file://{tmp_path / 'nope'}")
+    copy = local_folder(uri, tmp_path / "cache")
+    assert copy.parent == tmp_path / "cache" and copy.name.startswith("model-")
+    assert (copy / "config.json").read_text() == "{}" and (copy / "sub" / "w.bin").read_bytes() == b"\0" * 10
+    (src / "config.json").write_text('{"changed": 1}')
+    assert local_folder(uri, tmp_path / "cache") == copy and (copy / "config.json").read_text() == "{}"  # reused
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [copy.name]  # no temp folder left behind
