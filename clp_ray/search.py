@@ -267,7 +267,7 @@ def run_sweep(cfg: ExperimentConfig, *, prep, num_layers: int, fresh: bool = Fal
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from clp_ray.storage import join
+    from clp_ray.storage import join, move_aside
     from clp_ray.tracking import tracking_uri
     from clp_ray.training import storage_path
 
@@ -333,23 +333,6 @@ def unfinished_trials(exp_dir: str) -> list[str]:
     from ray.tune import ExperimentAnalysis
 
     return [t.trial_id for t in ExperimentAnalysis(exp_dir).trials if t.status not in ("TERMINATED", "ERROR")]
-
-
-def move_aside(path: str, new_name: str) -> Optional[str]:
-    """Rename ``path`` (a local folder or a URI such as ``s3://bucket/x``) to ``new_name`` in the
-    same parent; returns the new location, or None when nothing is there."""
-    import pyarrow.fs as pafs
-
-    fs, where = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    if fs.get_file_info(where).type == pafs.FileType.NotFound:
-        return None
-    dest = f"{where.rstrip('/').rsplit('/', 1)[0]}/{new_name}"
-    try:
-        fs.move(where, dest)
-    except (OSError, NotImplementedError):  # object stores cannot rename a folder: copy, then delete
-        pafs.copy_files(where, dest, source_filesystem=fs, destination_filesystem=fs)
-        fs.delete_dir(where)
-    return f"{path.split('://', 1)[0]}://{dest}" if "://" in path else dest
 
 
 def _evals_per_trial(cfg: ExperimentConfig, prep) -> int:

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 
 def is_uri(path: str) -> bool:
@@ -69,3 +70,20 @@ def local_folder(loc: str, cache_dir: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def move_aside(loc: str, new_name: str) -> Optional[str]:
+    """Rename the folder ``loc`` to ``new_name`` in the same parent; returns its new location, or
+    None when nothing is there."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(loc)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    dest = f"{path.rstrip('/').rsplit('/', 1)[0]}/{new_name}"
+    try:
+        fs.move(path, dest)
+    except (OSError, NotImplementedError):  # object stores cannot rename a folder: copy, then delete
+        pafs.copy_files(path, dest, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(path)
+    return location(loc, dest)

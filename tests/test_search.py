@@ -119,16 +119,3 @@ def test_interrupted_tune_run_is_told_apart_from_a_finished_one(tmp_path):
         assert unfinished_trials(f"file://{tmp_path / 'runs' / 'done'}") == []
     finally:
         ray.shutdown()
-
-
-def test_move_aside_local_and_uri(tmp_path):
-    from clp_ray.search import move_aside
-
-    (tmp_path / "sweep" / "trial").mkdir(parents=True)
-    (tmp_path / "sweep" / "trial" / "state.json").write_text("{}")
-    assert move_aside(str(tmp_path / "sweep"), "sweep.old-1") == str(tmp_path / "sweep.old-1")
-    assert (tmp_path / "sweep.old-1" / "trial" / "state.json").read_text() == "{}" and not (tmp_path / "sweep").exists()
-    uri = f"file://{tmp_path / 'sweep.old-1'}"
-    assert move_aside(uri, "sweep.old-2") == f"file://{tmp_path / 'sweep.old-2'}"
-    assert (tmp_path / "sweep.old-2" / "trial" / "state.json").is_file()
-    assert move_aside(str(tmp_path / "missing"), "x") is None

@@ -1,6 +1,6 @@
 """Run-storage locations: local folders and URIs (s3://, file://) as Ray reports them."""
 
-from clp_ray.storage import folder_exists, join, local_folder, location
+from clp_ray.storage import folder_exists, join, local_folder, location, move_aside
 
 
 def test_location_and_join_keep_scheme_and_options():
@@ -28,3 +28,14 @@ def test_local_folder_copies_a_uri_once_and_leaves_local_paths(tmp_path):
     (src / "config.json").write_text('{"changed": 1}')
     assert local_folder(uri, tmp_path / "cache") == copy and (copy / "config.json").read_text() == "{}"  # reused
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [copy.name]  # no temp folder left behind
+
+
+def test_move_aside_local_and_uri(tmp_path):
+    (tmp_path / "sweep" / "trial").mkdir(parents=True)
+    (tmp_path / "sweep" / "trial" / "state.json").write_text("{}")
+    assert move_aside(str(tmp_path / "sweep"), "sweep.old-1") == str(tmp_path / "sweep.old-1")
+    assert (tmp_path / "sweep.old-1" / "trial" / "state.json").read_text() == "{}" and not (tmp_path / "sweep").exists()
+    uri = f"file://{tmp_path / 'sweep.old-1'}"
+    assert move_aside(uri, "sweep.old-2") == f"file://{tmp_path / 'sweep.old-2'}"
+    assert (tmp_path / "sweep.old-2" / "trial" / "state.json").is_file()
+    assert move_aside(str(tmp_path / "missing"), "x") is None
