@@ -240,7 +240,8 @@ class RayConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    lang: str = "hi"
+    # It names runs, output folders, MLflow experiments and registered models: no path characters.
+    lang: str = Field("hi", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     model: ModelConfig = ModelConfig()
     moe: MoEConfig = MoEConfig()
     loss: LossConfig = LossConfig()
@@ -446,6 +447,11 @@ def build_config(layers: list[_Layer]) -> ExperimentConfig:
     return cfg
 
 
+def _unknown(kind: str, name: str, folder: Path, known: list[str]) -> ConfigError:
+    where = f"not a file in {_display_path(folder)}" if "/" in name or "\\" in name else f"no {_display_path(folder / f'{name}.yaml')}"
+    return ConfigError(f"unknown {kind} {name!r}: {where}; known {kind}s: {', '.join(known) or '(none)'}")
+
+
 def load_config(
     lang: str | None = None,
     profile: str | None = None,
@@ -461,22 +467,16 @@ def load_config(
         raise ConfigError(f"{_display_path(base)}: base config not found (config dir {cdir})")
     layers = [load_yaml_layer(base)]
     if lang is not None:
-        lang_file = cdir / "lang" / f"{lang}.yaml"
-        if not lang_file.exists():
-            raise ConfigError(
-                f"unknown language {lang!r}: no {_display_path(lang_file)}; "
-                f"known languages: {', '.join(known_languages(cdir)) or '(none)'}"
-            )
-        layers.append(load_yaml_layer(lang_file))
+        # Only a file in lang/ itself: "../profiles/local" would exist, and the language names runs,
+        # output folders and MLflow experiments.
+        if lang not in known_languages(cdir):
+            raise _unknown("language", lang, cdir / "lang", known_languages(cdir))
+        layers.append(load_yaml_layer(cdir / "lang" / f"{lang}.yaml"))
         layers.append(_Layer({"lang": lang}, {"lang": f"--lang {lang}"}))
     if profile is not None:
-        profile_file = cdir / "profiles" / f"{profile}.yaml"
-        if not profile_file.exists():
-            raise ConfigError(
-                f"unknown profile {profile!r}: no {_display_path(profile_file)}; "
-                f"known profiles: {', '.join(known_profiles(cdir)) or '(none)'}"
-            )
-        layers.append(load_yaml_layer(profile_file))
+        if profile not in known_profiles(cdir):
+            raise _unknown("profile", profile, cdir / "profiles", known_profiles(cdir))
+        layers.append(load_yaml_layer(cdir / "profiles" / f"{profile}.yaml"))
     layers.extend(load_yaml_layer(Path(f)) for f in extra_files)
     layers.extend(parse_set(s) for s in overrides)
     return build_config(layers)

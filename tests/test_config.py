@@ -82,6 +82,13 @@ def test_unknown_language_lists_known_ones():
         load_config("xx", "local")
     with pytest.raises(ConfigError, match=r"unknown profile 'gpu'.*known profiles: cluster, local"):
         load_config("hi", "gpu")
+    # Files that exist, but outside lang/ and profiles/ (the language would name folders and runs).
+    with pytest.raises(ConfigError, match=r"unknown language '\.\./profiles/local'.*known languages: fa, hi, ko"):
+        load_config("../profiles/local", "local")
+    with pytest.raises(ConfigError, match=r"unknown profile '\.\./lang/hi'"):
+        load_config("hi", "../lang/hi")
+    with pytest.raises(ConfigError, match=r"--set lang=a/b: lang: String should match pattern"):
+        load_config("hi", "local", ["lang=a/b"])
 
 
 def test_duplicate_key_is_an_error_not_a_silent_override(cdir):
