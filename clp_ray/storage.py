@@ -37,7 +37,8 @@ def join(loc: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
-def _fs(loc: str):
+def filesystem(loc: str):
+    """(pyarrow filesystem, path in it) of a local path or URI."""
     import pyarrow.fs as pafs
 
     return pafs.FileSystem.from_uri(loc) if is_uri(loc) else (pafs.LocalFileSystem(), os.path.abspath(loc))
@@ -46,7 +47,7 @@ def _fs(loc: str):
 def folder_exists(loc: str) -> bool:
     import pyarrow.fs as pafs
 
-    fs, path = _fs(loc)
+    fs, path = filesystem(loc)
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
@@ -60,7 +61,7 @@ def local_folder(loc: str, cache_dir: str | os.PathLike) -> Path:
     dest = Path(cache_dir) / f"{Path(loc.split('?', 1)[0]).name}-{hashlib.sha1(loc.encode()).hexdigest()[:10]}"
     if dest.is_dir():
         return dest
-    fs, path = _fs(loc)
+    fs, path = filesystem(loc)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)  # copy_files does not create the destination folder
@@ -77,7 +78,7 @@ def move_aside(loc: str, new_name: str) -> Optional[str]:
     None when nothing is there."""
     import pyarrow.fs as pafs
 
-    fs, path = _fs(loc)
+    fs, path = filesystem(loc)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
     dest = f"{path.rstrip('/').rsplit('/', 1)[0]}/{new_name}"

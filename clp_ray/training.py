@@ -32,7 +32,7 @@ from torch import nn
 from clp_ray.atomic import check_writable
 from clp_ray.config import ExperimentConfig, default_config_dir
 from clp_ray.errors import ClpRayError, ConfigError
-from clp_ray.storage import folder_exists, join, local_folder, location
+from clp_ray.storage import filesystem, folder_exists, is_uri, join, local_folder, location
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,26 @@ def run_name(cfg: ExperimentConfig) -> str:
 
 
 def storage_path(cfg: ExperimentConfig) -> str:
-    if cfg.train.storage_path:
-        return cfg.train.storage_path
-    return str((Path(cfg.train.output_dir) / "ray_results").resolve())
+    """Ray Train/Tune storage: a URI as given, a local folder made absolute (workers run in other
+    working directories, where a relative one would be another folder)."""
+    path = cfg.train.storage_path or str(Path(cfg.train.output_dir) / "ray_results")
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def check_storage(cfg: ExperimentConfig) -> None:
+    """The run storage can be written (local) or reached (URI, e.g. S3 credentials and bucket),
+    before any cluster work: Ray would find out in the first checkpoint."""
+    path = storage_path(cfg)
+    what = cfg.cite("train.storage_path") if cfg.train.storage_path else f"Ray storage {path}"
+    if not is_uri(path):
+        check_writable(path, what, folder=True)
+        return
+    try:
+        fs, base = filesystem(path)
+        fs.get_file_info(base)
+    except Exception as e:  # pyarrow raises OSError, ArrowInvalid, ... with the store's own message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{what}: cannot reach the run storage: {first}") from None
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -524,6 +541,7 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[str] = None) -> PreparedRun
     name = name or run_name(cfg)
     ds_config = deepspeed_config(cfg, cfg.ray.num_workers)
     check_writable(cfg.train.output_dir, cfg.cite("train.output_dir"), folder=True)
+    check_storage(cfg)
     check_tracking(cfg)
     out_dir = Path(cfg.train.output_dir).resolve() / name
     report = validate(cfg.data.train_paths, lam=cfg.loss.lam, group_size=cfg.data.train_group_size,

@@ -39,3 +39,27 @@ def test_move_aside_local_and_uri(tmp_path):
     assert move_aside(uri, "sweep.old-2") == f"file://{tmp_path / 'sweep.old-2'}"
     assert (tmp_path / "sweep.old-2" / "trial" / "state.json").is_file()
     assert move_aside(str(tmp_path / "missing"), "x") is None
+
+
+def test_storage_path_is_absolute_and_checked_before_work(tmp_path, monkeypatch):
+    import pytest
+
+    from clp_ray.config import load_config
+    from clp_ray.errors import ClpRayError
+    from clp_ray.training import check_storage, storage_path
+
+    monkeypatch.chdir(tmp_path)
+    # A relative folder would be another folder in each worker's working directory.
+    assert storage_path(load_config("hi", "local", ["train.storage_path=runs"])) == str(tmp_path / "runs")
+    assert storage_path(load_config("hi", "local", ["train.output_dir=out"])) == str(tmp_path / "out" / "ray_results")
+    uri = "s3://bucket/ray?endpoint_override=http://127.0.0.1:9"
+    assert storage_path(load_config("hi", "local", [f"train.storage_path={uri}"])) == uri
+    check_storage(load_config("hi", "local", ["train.storage_path=runs"]))
+    check_storage(load_config("hi", "local", [f"train.storage_path=file://{tmp_path / 'uri-runs'}"]))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ClpRayError, match=r"train.storage_path = a-file/runs \(--set train.storage_path=a-file/runs\): "
+                                          r"cannot write to .*a-file is a file, not a folder"):
+        check_storage(load_config("hi", "local", ["train.storage_path=a-file/runs"]))
+    # An S3 endpoint nobody answers on (port 9 refuses): an error naming the setting, no traceback.
+    with pytest.raises(ClpRayError, match=r"train.storage_path = s3://bucket/ray\?endpoint_override=.*: cannot reach the run storage: "):
+        check_storage(load_config("hi", "local", [f"train.storage_path={uri}", "ray.num_workers=2"]))
