@@ -225,10 +225,11 @@ def write_records(records: list[dict], out: str | os.PathLike, stats: Optional[M
 class _EncodeActor:
     """Loads the model once per actor and embeds batches of texts."""
 
-    def __init__(self, model_ref: str, max_length: int, batch_size: int):
+    def __init__(self, model_ref: str, max_length: int, batch_size: int, model_cfg=None, tracking_uri=None):
         from clp_ray.modeling import load_model_ref
 
-        self.embedder = load_model_ref(model_ref)
+        # The driver's model settings (``tiny`` sizes) and MLflow store: the same model as the driver's.
+        self.embedder = load_model_ref(model_ref, model_cfg, tracking_uri=tracking_uri)
         if torch.cuda.is_available():
             self.embedder.to("cuda")
         self.max_length = max_length
@@ -270,14 +271,16 @@ def _collect(ds, n: int, fields: tuple[str, ...]) -> dict:
 
 
 def encode_with_ray_data(model_ref: str, texts: list[str], *, max_length: int, batch_size: int = 64,
-                         concurrency: int = 2, use_gpu: bool = False) -> torch.Tensor:
+                         concurrency: int = 2, use_gpu: bool = False, model_cfg=None,
+                         tracking_uri: Optional[str] = None) -> torch.Tensor:
     """Embed ``texts`` with a pool of ``concurrency`` actors spread over the Ray cluster; rows
     come back in input order."""
     import ray.data
 
     ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)])
     out = ds.map_batches(_EncodeActor, fn_constructor_kwargs={"model_ref": model_ref, "max_length": max_length,
-                                                              "batch_size": batch_size},
+                                                              "batch_size": batch_size, "model_cfg": model_cfg,
+                                                              "tracking_uri": tracking_uri},
                          batch_size=batch_size * 4, batch_format="numpy", concurrency=concurrency,
                          num_gpus=1 if use_gpu else 0)
     return torch.from_numpy(_collect(out, len(texts), ("vec",))["vec"])

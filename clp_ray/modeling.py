@@ -255,7 +255,7 @@ def absolute_model_ref(ref: str) -> str:
     return str(path.resolve())
 
 
-def load_model_ref(ref: str, model_cfg=None) -> Embedder:
+def load_model_ref(ref: str, model_cfg=None, *, tracking_uri: Optional[str] = None) -> Embedder:
     """Load what a user names with ``--model``: ``tiny``, a local folder (MoE folders included), a
     hub id, or an MLflow registry URI ``models:/<name>@<alias>`` / ``models:/<name>/<version>``.
     Failures become one clear :class:`~clp_ray.errors.ClpRayError`."""
@@ -265,7 +265,7 @@ def load_model_ref(ref: str, model_cfg=None) -> Embedder:
     if ref.startswith("models:/") or ref.startswith("runs:/"):
         from clp_ray.tracking import load_registered_embedder
 
-        return load_registered_embedder(ref)
+        return load_registered_embedder(ref, tracking_uri)
     if ref == "tiny":
         from clp_ray.config import ModelConfig
 

@@ -432,7 +432,7 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         mv = log_embedder_model(parent, best_model, registered_name=reg_name, tags=tags)
 
         def rescore(model_uri: str) -> float:
-            emb = load_registered_embedder(model_uri)
+            emb = load_registered_embedder(model_uri, parent.uri)
             return evaluate(emb, test_set, batch_size=cfg.eval.batch_size, chunk_size=cfg.eval.chunk_size,
                             top_k=cfg.eval.top_k).metrics["ndcg@10"]
 

@@ -334,11 +334,14 @@ def promote_if_better(uri: str, name: str, version: str, *, metric_tag: str = "t
     return Promotion(False, reason, version, champ.version)
 
 
-def load_registered_embedder(uri: str):
-    """The Embedder behind an MLflow model URI (``models:/name@alias``, ``models:/name/3``, ``runs:/...``)."""
+def load_registered_embedder(uri: str, tracking_uri: Optional[str] = None):
+    """The Embedder behind an MLflow model URI (``models:/name@alias``, ``models:/name/3``, ``runs:/...``)
+    in the store ``tracking_uri`` (jobs pass the config's, :func:`tracking_uri`; None: MLflow's own default)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
     try:
         model = mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as e:

@@ -25,6 +25,7 @@ def main(args) -> dict:
     from clp_ray.errors import ClpRayError
     from clp_ray.evaluation import compare, evaluate, format_metrics, load_beir
     from clp_ray.modeling import load_model_ref
+    from clp_ray.tracking import tracking_uri
 
     cfg = config_from_args(args)
     if args.run_file:
@@ -41,7 +42,8 @@ def main(args) -> dict:
     for ref in models:
         if ref in results:
             raise ClpRayError(f"--compare needs two different models, got {ref!r} twice")
-        embedder = load_model_ref(ref, cfg.model)
+        # models:/ references resolve in the config's MLflow store, as the tune job registered them.
+        embedder = load_model_ref(ref, cfg.model, tracking_uri=tracking_uri(cfg))
         run_file = args.run_file if len(models) == 1 else None
         results[ref] = evaluate(embedder, data, batch_size=cfg.eval.batch_size, chunk_size=cfg.eval.chunk_size,
                                 top_k=cfg.eval.top_k, run_file=run_file, show_progress=True)

@@ -27,6 +27,7 @@ def main(args) -> dict:
     from clp_ray.evaluation import load_beir, load_beir_files
     from clp_ray.mining import encode_with_ray_data, mine, search_with_ray_data, write_records
     from clp_ray.modeling import absolute_model_ref, load_model_ref
+    from clp_ray.tracking import tracking_uri
 
     cfg = config_from_args(args)
     check_writable(args.out, "--out")
@@ -39,7 +40,8 @@ def main(args) -> dict:
         raise ClpRayError("give --data DIR|miracl://<lang> [--split train], or all of --corpus, --queries and --qrels")
     # Absolute: the Ray Data actors load the model in another working directory.
     model_ref = absolute_model_ref(args.model or cfg.model.name_or_path)
-    embedder = load_model_ref(model_ref, cfg.model)  # fails early on a bad model reference
+    store = tracking_uri(cfg)  # where models:/ references resolve
+    embedder = load_model_ref(model_ref, cfg.model, tracking_uri=store)  # fails early on a bad model reference
     doc_ids, qids = list(data.corpus), list(data.queries)
     corpus_texts, query_texts = [data.corpus[d] for d in doc_ids], [data.queries[q] for q in qids]
     log.info("mining %d queries against %d passages with %s (%s engine)", len(qids), len(doc_ids), model_ref, m.engine)
@@ -48,7 +50,8 @@ def main(args) -> dict:
         from clp_ray.training import ensure_ray
 
         ensure_ray(cfg)
-        kw = {"batch_size": cfg.eval.batch_size, "concurrency": m.actors, "use_gpu": cfg.ray.use_gpu}
+        kw = {"batch_size": cfg.eval.batch_size, "concurrency": m.actors, "use_gpu": cfg.ray.use_gpu,
+              "model_cfg": cfg.model, "tracking_uri": store}
         d_emb = encode_with_ray_data(model_ref, corpus_texts, max_length=embedder.passage_max_len, **kw)
         q_emb = encode_with_ray_data(model_ref, query_texts, max_length=embedder.query_max_len, **kw)
         search = search_with_ray_data(q_emb, d_emb, m.top_k, chunk_size=cfg.eval.chunk_size, concurrency=m.actors)

@@ -110,6 +110,16 @@ def test_registered_model_loads_in_a_fresh_process(mlflow_cfg, moe_folder, tmp_p
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(summary.read_text())["metrics"]["ndcg@10"] > 0
+    # The store named in the config (not $MLFLOW_TRACKING_URI, not MLflow's default in the working
+    # directory, which would be an empty registry or another one) is where models:/ resolves.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env.pop("MLFLOW_TRACKING_URI")
+    p = subprocess.run([sys.executable, str(ROOT / "jobs/evaluate.py"), "--model", "models:/clp-ray-hi@champion",
+                        "--data", "pkg://ko_help", "--split", "dev", "--set", f"tracking.tracking_uri={uri}",
+                        "--summary", str(summary)], capture_output=True, text=True, env=env, cwd=elsewhere, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(summary.read_text())["metrics"]["ndcg@10"] > 0 and not (elsewhere / "mlflow.db").exists()
 
 
 def test_check_tracking_fails_fast_with_the_setting(mlflow_cfg, tmp_path, monkeypatch):
