@@ -126,8 +126,8 @@ def run_name(cfg: ExperimentConfig) -> str:
 
 
 def storage_path(cfg: ExperimentConfig) -> str:
-    """Ray Train/Tune storage: a URI as given, a local folder made absolute (workers run in other
-    working directories, where a relative one would be another folder)."""
+    """Ray Train/Tune storage: a URI as given, a local folder made absolute (Ray resolves storage
+    with pyarrow, which rejects a relative path: ``ArrowInvalid: URI has empty scheme``)."""
     path = cfg.train.storage_path or str(Path(cfg.train.output_dir) / "ray_results")
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
