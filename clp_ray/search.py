@@ -238,17 +238,14 @@ class EndStoppedRunsCallback(Callback):
 
 def summarize(results, storage: str) -> list[TrialSummary]:
     """Trial summaries; model paths are locations on the run storage ``storage`` (URIs when remote)."""
-    from clp_ray.storage import folder_exists, join, location
-    from clp_ray.training import MODEL_DIR
+    from clp_ray.training import checkpoint_model
 
     out = []
     for r in results:
         m = r.metrics or {}
         status = "errored" if r.error else ("completed" if m.get("final") else "pruned")
         ckpt = m.get("checkpoint_path")  # a path inside the storage's filesystem (no scheme)
-        model_path = join(location(storage, ckpt), MODEL_DIR) if ckpt and m.get("final") else None
-        if model_path and not folder_exists(model_path):
-            model_path = None
+        model_path = checkpoint_model(storage, ckpt) if ckpt and m.get("final") else None
         hist: list[tuple[int, float]] = []
         df = r.metrics_dataframe
         if df is not None and METRIC in df:

@@ -13,10 +13,10 @@ import os
 import re
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+from unittest import mock
 
 import mlflow.pyfunc
 
@@ -90,22 +90,10 @@ class Tracker:
         self.client.set_terminated(self.run_id, status)
 
 
-@contextmanager
-def _quick_http():
-    """MLflow retries a failed HTTP request 7 times with exponential backoff (about 5 minutes for
-    a server that is down); right for a blip in a long job, not for a first contact."""
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-             "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-    saved = {k: os.environ.get(k) for k in quick}
-    os.environ.update(quick)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+# MLflow retries a failed HTTP request 7 times with exponential backoff (about 5 minutes for a
+# server that is down): right for a blip in a long job, not for a first contact.
+_QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def check_tracking(cfg: ExperimentConfig) -> str:
@@ -125,7 +113,7 @@ def check_tracking(cfg: ExperimentConfig) -> str:
         where = f"the default MLflow store {uri}"
     if uri.startswith("sqlite:///"):
         check_writable(uri.removeprefix("sqlite:///"), where)
-    with _quick_http():
+    with mock.patch.dict(os.environ, _QUICK_HTTP):  # restored afterwards, unset ones unset again
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as e:  # any failure (unknown scheme, refused, auth, a broken DB) means the same here

@@ -161,6 +161,13 @@ def test_bad_input_fails_before_workers_start(tmp_path):
     p = run_train_job("--set", f"model.name_or_path={tmp_path}")
     assert p.returncode == 2 and f"{tmp_path} is not a model folder: it has no config.json" in p.stderr
     assert "Started a local Ray instance" not in p.stderr
+    # The MLflow store and the run storage are checked by the job itself, before Ray starts.
+    p = run_train_job("--set", "tracking.tracking_uri=bogus://x")
+    assert p.returncode == 2 and "Started a local Ray instance" not in p.stderr
+    assert "tracking.tracking_uri = bogus://x (--set tracking.tracking_uri=bogus://x): cannot use this MLflow" in p.stderr
+    p = run_train_job("--set", f"train.storage_path={tmp_path / 'a-file' / 'runs'}")
+    assert p.returncode == 2 and "Started a local Ray instance" not in p.stderr
+    assert f"cannot write to {tmp_path / 'a-file' / 'runs'} ({tmp_path / 'a-file'} is a file, not a folder)" in p.stderr
     p = run_train_job("--set", "ray.num_workers=64", "--set", "ray.num_cpus=2", "--set", f"train.output_dir={tmp_path}",
                       "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
     assert p.returncode == 2, p.stderr[-3000:]
