@@ -80,7 +80,9 @@ class Embedder(nn.Module):
             encoder = AutoModel.from_pretrained(str(name_or_path), add_pooling_layer=False)
         settings = {k: meta[k] for k in ("pooling", "normalize", "query_max_len", "passage_max_len") if k in meta}
         settings.update(overrides)
-        return cls(encoder, tokenizer, moe_spec=spec, **settings)
+        # Eval mode, as transformers' from_pretrained leaves a model (the MoE branch builds the
+        # encoder from its config, which starts in training mode with dropout on).
+        return cls(encoder, tokenizer, moe_spec=spec, **settings).eval()
 
     def upcycle(self, layers: Sequence[int], site: str = "intermediate", num_experts: int = 2, top_k: int = 1, **router) -> MoESpec:
         """Upcycle encoder layers into MoE (see :func:`clp_ray.moe.upcycle`); remembered for saving."""

@@ -249,3 +249,18 @@ def test_expert_without_tokens_gets_zero_gradient_not_none(top_k):
     unused = layer.experts[3]
     assert unused.weight.grad is not None and torch.equal(unused.weight.grad, torch.zeros_like(unused.weight))
     assert unused.bias.grad is not None
+
+
+def test_loaded_models_are_in_eval_mode_dense_and_moe(tiny_embedder, tmp_path):
+    """As after transformers' from_pretrained, a loaded model's direct forward runs without dropout
+    (the tiny encoder has dropout 0.1), whether the folder holds MoE layers or not. The MoE folder
+    is rebuilt from its config, which used to leave it in training mode."""
+    dense_dir = tiny_embedder.save_pretrained(tmp_path / "dense")
+    tiny_embedder.upcycle([-1], num_experts=2)
+    moe_dir = tiny_embedder.save_pretrained(tmp_path / "moe")
+    for folder in (dense_dir, moe_dir):
+        loaded = Embedder.from_pretrained(folder)
+        assert not any(m.training for m in loaded.modules()), folder.name
+        enc = loaded.tokenize(["표 삽입 방법", "Insert rows above"])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**enc), loaded(**enc), rtol=0, atol=0)
