@@ -237,6 +237,27 @@ def _num_tokens(batch) -> int:
     return int(batch["attention_mask"].sum()) if isinstance(batch, dict) else batch.num_tokens
 
 
+def build_engine(module: nn.Module, ds_config: dict, cfg: ExperimentConfig, total_opt: int):
+    """The DeepSpeed engine and LR scheduler over ``module``: torch AdamW on the trainable
+    parameters only (frozen ones get no optimizer state), linear warm-up then decay over
+    ``total_opt`` optimizer steps. Needs an initialised process group (``deepspeed.init_distributed``)."""
+    import deepspeed
+
+    from clp_ray.moe import moe_layers, trainable_parameters
+
+    t_cfg = cfg.train
+    if ds_config["zero_optimization"]["stage"] == 3:
+        # The MoE layer reads its experts' weights itself (clp_ray.grouped_linear) instead of calling
+        # the expert modules: ZeRO-3 must gather them whenever the MoE layer runs.
+        for _, layer in moe_layers(module):
+            for p in layer.experts.parameters():
+                deepspeed.zero.register_external_parameter(layer, p)
+    optimizer = torch.optim.AdamW(trainable_parameters(module), lr=t_cfg.learning_rate, weight_decay=t_cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_opt, t_cfg.warmup_ratio))
+    engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, scheduler
+
+
 def train_worker(config: dict) -> None:
     """Ray Train per-worker loop (see the module docstring)."""
     import deepspeed
@@ -254,7 +275,7 @@ def train_worker(config: dict) -> None:
     )
     from clp_ray.evaluation import evaluate
     from clp_ray.modeling import load_embedder
-    from clp_ray.moe import apply_train_only, moe_layers, trainable_parameters
+    from clp_ray.moe import apply_train_only
     from clp_ray.tracking import Tracker
 
     cfg = ExperimentConfig.model_validate(config["cfg"])
@@ -289,16 +310,7 @@ def train_worker(config: dict) -> None:
     eval_every = t_cfg.eval_every_steps or opt_per_epoch
 
     stage3 = config["ds_config"]["zero_optimization"]["stage"] == 3
-    if stage3:
-        # The MoE layer reads its experts' weights itself (clp_ray.grouped_linear) instead of calling
-        # the expert modules: ZeRO-3 must gather them whenever the MoE layer runs.
-        for _, layer in moe_layers(module):
-            for p in layer.experts.parameters():
-                deepspeed.zero.register_external_parameter(layer, p)
-    optimizer = torch.optim.AdamW(trainable_parameters(module), lr=t_cfg.learning_rate, weight_decay=t_cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_opt, t_cfg.warmup_ratio))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config["ds_config"])
+    engine, scheduler = build_engine(module, config["ds_config"], cfg, total_opt)
 
     state = {"micro_step": 0, "global_step": 0, "attempt": 0, "dev_init": None}
     checkpoint = ray.train.get_checkpoint()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU checks, for a machine with a CUDA GPU (CI has none): the @pytest.mark.gpu tests, then the
+# MoE overhead benchmark on the GPU at the issue's 2048 tokens and at 16384, fp32 and bf16, and the
+# whole BGE-M3-shaped encoder step with and without an upcycled layer (benchmarks/moe_step.py).
+# GPU_CHECK_BENCHMARKS=0 runs the tests alone.
+#
+#   scripts/gpu_check.sh [LOG_DIR]        (default: outputs/gpu_check)
+#
+# Uses $PYTHON (default: .venv/bin/python, else python3). If a folder .whl/ holds wheels, they are
+# installed into /tmp/clp-ray-site first: that is how packages reach a GPU machine without an
+# index. Exits with the tests' status; every step's output is also written to LOG_DIR.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+logs=${1:-outputs/gpu_check}
+mkdir -p "$logs"
+py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/clp-ray-site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/clp-ray-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+"$py" - <<'EOF' 2>&1 | tee "$logs/versions.txt"
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")
+for name in ("transformers", "tokenizers", "deepspeed", "pydantic"):
+    print(name, importlib.import_module(name).__version__)
+EOF
+
+"$py" -m pytest -p no:cacheprovider -v -m gpu tests/test_gpu.py 2>&1 | tee "$logs/gpu_tests.log"
+rc=${PIPESTATUS[0]}
+
+if [ "${GPU_CHECK_BENCHMARKS:-1}" = 1 ]; then
+  for tokens in 2048 16384; do
+    for dtype in fp32 bf16; do
+      "$py" benchmarks/moe_overhead.py --device cuda --dtype "$dtype" --tokens "$tokens" --repeats 50 2>&1 \
+        | tee -a "$logs/moe_overhead_cuda_${tokens}.txt"
+    done
+  done
+  "$py" benchmarks/moe_step.py --device cuda --dtype bf16 2>&1 | tee "$logs/moe_step_cuda.txt"
+fi
+echo "gpu tests exit status: $rc"
+exit "$rc"
