@@ -1,5 +1,6 @@
-"""The MoE benchmark runs end to end (tiny shapes) and prints one row per (E, top-k) with its ratios."""
+"""The MoE benchmarks run end to end (tiny shapes) and print their rows of ratios."""
 
+import os
 import re
 import subprocess
 import sys
@@ -20,3 +21,27 @@ def test_moe_overhead_benchmark_prints_every_row():
         ratios = [float(v.rstrip("x")) for v in r if v.endswith("x")]
         assert len(ratios) == 3 and all(v > 0 for v in ratios)
     assert re.search(r"targets .*: (PASS|FAIL)$", run.stdout.strip())
+
+
+def test_moe_overhead_benchmark_in_bf16_says_the_target_is_for_fp32():
+    run = subprocess.run([sys.executable, "benchmarks/moe_overhead.py", "--hidden", "16", "--intermediate", "32",
+                          "--tokens", "64", "--repeats", "2", "--threads", "1", "--dtype", "bf16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert ", bf16, forward+backward" in run.stdout
+    assert "[the issue sets them for CPU fp32; cpu bf16 is for reference]" in run.stdout
+    no_gpu = subprocess.run([sys.executable, "benchmarks/moe_overhead.py", "--device", "cuda"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert no_gpu.returncode == 2 and "--device cuda: no CUDA GPU is visible to torch" in no_gpu.stderr
+
+
+def test_moe_step_benchmark_prints_each_policy_and_expert_count():
+    run = subprocess.run([sys.executable, "benchmarks/moe_step.py", "--device", "cpu", "--dtype", "fp32",
+                          "--batch", "2", "--seq", "8", "--layers", "2", "--hidden", "64", "--intermediate", "128",
+                          "--experts", "2", "4", "--repeats", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines() if re.match(r"\s*(moe|all)\s+\d", line)]
+    assert [(r[0], r[1]) for r in rows] == [("moe", "2"), ("moe", "4"), ("all", "2"), ("all", "4")]
+    assert all(float(r[-1].rstrip("x")) > 0 for r in rows)
