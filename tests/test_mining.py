@@ -165,23 +165,51 @@ def test_mine_job_output_validates_and_trains(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_data_encoding_and_search_match_local(tiny_path):
+def test_ray_data_encoding_and_search_match_local(tiny_path, tmp_path):
+    import os
+
+    import mlflow
     import ray
 
     from clp_ray.config import load_config
     from clp_ray.evaluation import exact_search, load_beir
     from clp_ray.mining import encode_with_ray_data, search_with_ray_data
     from clp_ray.modeling import Embedder
+    from clp_ray.tiny import tiny_model_path
+    from clp_ray.tracking import log_embedder_model, start_run
     from clp_ray.training import ensure_ray
 
     texts = list(load_beir("pkg://ko_help", "dev").corpus.values())[:200]
     local = Embedder.from_pretrained(tiny_path).encode(texts, batch_size=32, max_length=128)
+    # The actors load what the driver means, not what their own defaults or working folder say:
+    # "tiny" with the driver's sizes, and models:/ from the driver's MLflow store (no
+    # $MLFLOW_TRACKING_URI here; the workers run in another folder).
+    cfg = load_config("hi", "local", ["model.tiny.seed=7", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    seeded = Embedder.from_pretrained(tiny_model_path(cfg.model.tiny))
+    tracker = start_run(cfg, "sweep")
+    try:
+        version = log_embedder_model(tracker, seeded.save_pretrained(tmp_path / "model"), registered_name="clp-ray-hi",
+                                     tags={"test_ndcg_at_10": 0.5, "eval_set_hash": "h", "data_hash": "d"}).version
+        tracker.end()
+    finally:
+        # MLflow 3's set_tracking_uri also exports $MLFLOW_TRACKING_URI, which Ray's workers would
+        # inherit; unset, the store can only reach them through the driver.
+        mlflow.set_tracking_uri(None)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    few = texts[:48]
+    local_seeded = seeded.encode(few, batch_size=16, max_length=128)
     ensure_ray(load_config("hi", "local"))
     try:
         distributed = encode_with_ray_data("tiny", texts, max_length=128, batch_size=32, concurrency=2)
         s_ray, i_ray = search_with_ray_data(local[:40], local, 10, chunk_size=64, batch_size=16, concurrency=2)
+        tiny_seeded = encode_with_ray_data("tiny", few, max_length=128, batch_size=16, concurrency=1, model_cfg=cfg.model)
+        registered = encode_with_ray_data(f"models:/clp-ray-hi/{version}", few, max_length=128, batch_size=16,
+                                          concurrency=1, tracking_uri=cfg.tracking.tracking_uri)
     finally:
         ray.shutdown()
+    assert not torch.allclose(local_seeded, local[:48], atol=1e-3)  # another seed: another model
+    torch.testing.assert_close(tiny_seeded, local_seeded, rtol=0, atol=1e-5)
+    torch.testing.assert_close(registered, local_seeded, rtol=0, atol=1e-5)
     torch.testing.assert_close(distributed, local, rtol=0, atol=1e-5)
     s_loc, _ = exact_search(local[:40], local, 10, chunk_size=64)
     torch.testing.assert_close(s_ray, s_loc, rtol=0, atol=1e-5)
