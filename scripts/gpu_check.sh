@@ -8,7 +8,8 @@
 #
 # Uses $PYTHON (default: .venv/bin/python, else python3). If a folder .whl/ holds wheels, they are
 # installed into /tmp/clp-ray-site first: that is how packages reach a GPU machine without an
-# index. Exits with the tests' status; every step's output is also written to LOG_DIR.
+# index. Exits 2 without a GPU, else with the tests' status; every step's output is also
+# written to LOG_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${1:-outputs/gpu_check}
@@ -20,12 +21,17 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
+# Without a GPU every test would be skipped and the run would pass having checked nothing.
 "$py" - <<'EOF' 2>&1 | tee "$logs/versions.txt"
-import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU")
+import importlib, sys, torch
+if not torch.cuda.is_available():
+    sys.exit(f"gpu_check: torch {torch.__version__} sees no CUDA GPU; nothing to check here")
+print("torch", torch.__version__, "cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0))
 for name in ("transformers", "tokenizers", "deepspeed", "pydantic"):
     print(name, importlib.import_module(name).__version__)
 EOF
+[ "${PIPESTATUS[0]}" = 0 ] || exit 2
+rm -f "$logs"/moe_overhead_cuda_*.txt "$logs"/moe_step_cuda.txt
 
 "$py" -m pytest -p no:cacheprovider -v -m gpu tests/test_gpu.py 2>&1 | tee "$logs/gpu_tests.log"
 rc=${PIPESTATUS[0]}

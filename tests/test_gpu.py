@@ -175,8 +175,6 @@ def test_clp_loss_and_gradients_on_gpu_equal_float64_cpu():
 @pytest.fixture(scope="module")
 def nccl_group():
     """A one-process NCCL group, as Ray Train gives each GPU worker."""
-    import os
-
     import deepspeed
     import torch.distributed as dist
 
@@ -185,17 +183,13 @@ def nccl_group():
         port = s.getsockname()[1]
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    torch.cuda.set_device(0)
-    deepspeed.init_distributed(dist_backend="nccl")
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        torch.cuda.set_device(0)
+        deepspeed.init_distributed(dist_backend="nccl")
+        yield
+        dist.destroy_process_group()
 
 
 def training_batch(embedder, cfg, n=8):
