@@ -238,6 +238,7 @@ class EndStoppedRunsCallback(Callback):
 
 def summarize(results, storage: str) -> list[TrialSummary]:
     """Trial summaries; model paths are locations on the run storage ``storage`` (URIs when remote)."""
+    from clp_ray.storage import location
     from clp_ray.training import checkpoint_model
 
     out = []
@@ -245,7 +246,7 @@ def summarize(results, storage: str) -> list[TrialSummary]:
         m = r.metrics or {}
         status = "errored" if r.error else ("completed" if m.get("final") else "pruned")
         ckpt = m.get("checkpoint_path")  # a path inside the storage's filesystem (no scheme)
-        model_path = checkpoint_model(storage, ckpt) if ckpt and m.get("final") else None
+        model_path = checkpoint_model(location(storage, ckpt)) if ckpt and m.get("final") else None
         hist: list[tuple[int, float]] = []
         df = r.metrics_dataframe
         if df is not None and METRIC in df:

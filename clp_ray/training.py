@@ -609,15 +609,15 @@ def fit(prep: PreparedRun, *, tracker=None, callbacks: Optional[list] = None) ->
     ckpt = result.checkpoint
     # Locations on the run storage: local paths, or URIs when it is remote (s3://...).
     ckpt_path = location(prep.storage, ckpt.path) if ckpt else None
-    model_path = checkpoint_model(prep.storage, ckpt.path) if ckpt else None
+    model_path = checkpoint_model(ckpt_path) if ckpt_path else None
     return TrainResult(prep.name, prep.run_dir, ckpt_path, model_path, dict(result.metrics or {}),
                        tracker.run_id if tracker else None)
 
 
-def checkpoint_model(storage: str, ckpt_fs_path: str) -> Optional[str]:
-    """The model folder in a checkpoint (``ckpt_fs_path`` as Ray reports it, inside the storage's
-    filesystem) as a location on the run storage; None when the checkpoint holds no model."""
-    model = join(location(storage, ckpt_fs_path), MODEL_DIR)
+def checkpoint_model(ckpt_location: str) -> Optional[str]:
+    """The model folder in a checkpoint (a location on the run storage, see
+    :func:`clp_ray.storage.location`); None when the checkpoint holds no model."""
+    model = join(ckpt_location, MODEL_DIR)
     return model if folder_exists(model) else None
 
 

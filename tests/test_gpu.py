@@ -47,36 +47,47 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_dispatch_on_gpu_equals_float64_reference(k):
-    from clp_ray.moe import dispatch
-
-    layer = moe_layer(k=k)
-    n, experts = 300, len(layer.experts)
-    g = torch.Generator().manual_seed(k)
-    if k == 1:  # the last expert gets no tokens: its gradient must still be a zero tensor
+def routed_inputs(layer, k: int, n: int, dtype: torch.dtype, seed: int):
+    """Routing, gates, inputs and an upstream gradient for ``dispatch``; at top-1 the last expert
+    gets no tokens (its gradient must still be a zero tensor)."""
+    experts = len(layer.experts)
+    g = torch.Generator().manual_seed(seed)
+    if k == 1:
         top_i = torch.randint(0, experts - 1, (n, 1), generator=g)
     else:
         top_i = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)])
-    gates = torch.rand(n, k, generator=g, dtype=torch.float64)
-    x = torch.randn(n, layer.in_features, generator=g, dtype=torch.float64)
-    upstream = torch.randn(n, layer.out_features, generator=g, dtype=torch.float64)
+    gates = torch.rand(n, k, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(n, layer.in_features, generator=g, dtype=torch.float64).to(dtype)
+    upstream = torch.randn(n, layer.out_features, generator=g, dtype=torch.float64).to(dtype)
+    return top_i, gates, x, upstream
 
-    def run(device, dtype):
-        exps = copy.deepcopy(layer.experts).to(device, dtype)
-        xi = x.to(device, dtype).requires_grad_(True)
-        gi = gates.to(device, dtype).requires_grad_(True)
-        out = dispatch(xi, top_i.to(device), gi, exps)
-        params = [xi, gi, *exps.parameters()]
-        return out, torch.autograd.grad(out, params, upstream.to(device, dtype))
 
-    out, grads = run("cuda", torch.float32)
-    ref, ref_grads = run("cpu", torch.float64)
+def dispatch_grads(layer, inputs, device, dtype):
+    """``dispatch``'s output on ``device`` in ``dtype`` and its gradients by name (x, gates, experts)."""
+    from clp_ray.moe import dispatch
+
+    top_i, gates, x, upstream = inputs
+    exps = copy.deepcopy(layer.experts).to(device, dtype)
+    xi = x.to(device, dtype).requires_grad_(True)
+    gi = gates.to(device, dtype).requires_grad_(True)
+    out = dispatch(xi, top_i.to(device), gi, exps)
+    named = [("x", xi), ("gates", gi), *exps.named_parameters()]
+    grads = torch.autograd.grad(out, [p for _, p in named], upstream.to(device, dtype))
+    return out, dict(zip([name for name, _ in named], grads))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_dispatch_on_gpu_equals_float64_reference(k):
+    layer = moe_layer(k=k)
+    inputs = routed_inputs(layer, k, 300, torch.float64, seed=k)
+    out, grads = dispatch_grads(layer, inputs, "cuda", torch.float32)
+    ref, ref_grads = dispatch_grads(layer, inputs, "cpu", torch.float64)
     assert out.is_cuda and out.dtype == torch.float32
     assert rel_err(out, ref) < 1e-5
-    for got, want in zip(grads, ref_grads):
+    for name, want in ref_grads.items():
+        got = grads[name]
         assert got is not None and got.is_cuda
-        assert rel_err(got, want) < 1e-5 if want.norm() > 0 else not got.any()
+        assert rel_err(got, want) < 1e-5 if want.norm() > 0 else not got.any(), name
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -84,30 +95,10 @@ def test_bf16_dispatch_on_gpu_equals_float64_reference(k):
     """bf16 experts on the GPU stay within bf16 rounding of float64 on the same bf16 values,
     every gradient included (measured ~3e-3 on CPU), and an expert without tokens gets a zero
     gradient."""
-    from clp_ray.moe import dispatch
-
     layer = moe_layer(k=k).to(torch.bfloat16)
-    n, experts = 4096, len(layer.experts)
-    g = torch.Generator().manual_seed(k)
-    if k == 1:
-        top_i = torch.randint(0, experts - 1, (n, 1), generator=g)
-    else:
-        top_i = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)])
-    gates = torch.rand(n, k, generator=g).to(torch.bfloat16)
-    x = torch.randn(n, layer.in_features, generator=g).to(torch.bfloat16)
-    upstream = torch.randn(n, layer.out_features, generator=g).to(torch.bfloat16)
-
-    def run(device, dtype):
-        exps = copy.deepcopy(layer.experts).to(device, dtype)
-        xi = x.to(device, dtype).requires_grad_(True)
-        gi = gates.to(device, dtype).requires_grad_(True)
-        out = dispatch(xi, top_i.to(device), gi, exps)
-        named = [("x", xi), ("gates", gi), *exps.named_parameters()]
-        grads = torch.autograd.grad(out, [p for _, p in named], upstream.to(device, dtype))
-        return out, dict(zip([name for name, _ in named], grads))
-
-    ref, ref_grads = run("cpu", torch.float64)
-    out, grads = run("cuda", torch.bfloat16)
+    inputs = routed_inputs(layer, k, 4096, torch.bfloat16, seed=k)
+    ref, ref_grads = dispatch_grads(layer, inputs, "cpu", torch.float64)
+    out, grads = dispatch_grads(layer, inputs, "cuda", torch.bfloat16)
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
     errors = {name: (rel_err(grads[name], want) if want.norm() > 0 else float(grads[name].abs().max()))
               for name, want in ref_grads.items()}
