@@ -21,18 +21,29 @@ import time
 import torch
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=4096)
-    ap.add_argument("--experts", type=int, nargs="+", default=[2, 8])
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--batch", type=positive, default=64)
+    ap.add_argument("--seq", type=positive, default=256)
+    ap.add_argument("--layers", type=positive, default=24)
+    ap.add_argument("--hidden", type=positive, default=1024)
+    ap.add_argument("--intermediate", type=positive, default=4096)
+    ap.add_argument("--experts", type=positive, nargs="+", default=[2, 8])
+    ap.add_argument("--repeats", type=positive, default=10)
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU is visible to torch")
+    if args.hidden % 64:
+        ap.error(f"--hidden {args.hidden}: must be a multiple of 64 (attention heads of 64)")
     from transformers import AutoModel, XLMRobertaConfig
 
     from clp_ray.moe import apply_train_only, upcycle

@@ -23,12 +23,19 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_
 
 # Without a GPU every test would be skipped and the run would pass having checked nothing.
 "$py" - <<'EOF' 2>&1 | tee "$logs/versions.txt"
-import importlib, sys, torch
+import importlib, sys
+mods = {}
+for name in ("torch", "transformers", "tokenizers", "deepspeed", "pydantic"):
+    try:
+        mods[name] = importlib.import_module(name)
+    except ImportError as e:
+        sys.exit(f"gpu_check: {name} cannot be imported ({e}); install the project, or carry wheels in .whl/")
+torch = mods["torch"]
 if not torch.cuda.is_available():
     sys.exit(f"gpu_check: torch {torch.__version__} sees no CUDA GPU; nothing to check here")
 print("torch", torch.__version__, "cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0))
 for name in ("transformers", "tokenizers", "deepspeed", "pydantic"):
-    print(name, importlib.import_module(name).__version__)
+    print(name, mods[name].__version__)
 EOF
 [ "${PIPESTATUS[0]}" = 0 ] || exit 2
 rm -f "$logs"/moe_overhead_cuda_*.txt "$logs"/moe_step_cuda.txt

@@ -45,3 +45,15 @@ def test_moe_step_benchmark_prints_each_policy_and_expert_count():
     rows = [line.split() for line in run.stdout.splitlines() if re.match(r"\s*(moe|all)\s+\d", line)]
     assert [(r[0], r[1]) for r in rows] == [("moe", "2"), ("moe", "4"), ("all", "2"), ("all", "4")]
     assert all(float(r[-1].rstrip("x")) > 0 for r in rows)
+
+
+def test_moe_step_benchmark_rejects_bad_sizes_and_a_missing_gpu():
+    def run(*args, **env):
+        return subprocess.run([sys.executable, "benchmarks/moe_step.py", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, **env})
+
+    for args, message in [(["--device", "cuda"], "--device cuda: no CUDA GPU is visible to torch"),
+                          (["--hidden", "32"], "--hidden 32: must be a multiple of 64"),
+                          (["--batch", "0"], "argument --batch: must be >= 1, got 0")]:
+        p = run(*args, CUDA_VISIBLE_DEVICES="")
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
