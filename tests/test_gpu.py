@@ -250,7 +250,7 @@ def test_deepspeed_bf16_engine_trains_only_moe_and_saves_it_on_gpu(stage, nccl_g
     out = tmp_path / "model"
     _save_final_model(embedder, out, rank=0, stage3=stage == 3)
     engine.eval()
-    enc = {k: v.to(dev) for k, v in embedder.tokenize(TEXTS).items()}
+    enc = _to(embedder.tokenize(TEXTS), dev)
     with torch.no_grad():
         in_engine = embedder(**enc).float()
         reloaded = Embedder.from_pretrained(out).to(dev, torch.bfloat16)
