@@ -7,12 +7,15 @@
 
 Why one hand-written node instead of calling each expert ``nn.Linear`` on a slice:
 
-- The gated scatter to token order is fused into the expert loop: no ``[tokens, out]`` concatenation,
-  gate multiply or gather pass of its own. For the straight-through top-1 gate (value exactly 1)
-  the multiply is skipped altogether.
+- No ``[tokens, out]`` concatenation, gate multiply or gather pass of its own: the experts' rows
+  go to token order in one scatter (on CPU with several threads, one per expert while it is still
+  in cache). For the straight-through top-1 gate (value exactly 1) the multiply is skipped.
 - The gate gradient ``<grad_t, y_j>`` is computed as ``<grad_t W_e, x_j> + <grad_t, b_e>``: the first
   factor is the input gradient the backward computes anyway, so the ``[tokens, out]`` expert output
   never has to be kept for the backward.
+- Few calls per expert: on a GPU each call is a kernel launch, and launches, not arithmetic, are
+  most of an MoE layer's cost there. The per-expert loops hold only the expert products; the
+  gathers, scatters, gate multiplies and dot products each run once over all slots.
 - On CPU the forward product of each expert runs as a batch of column blocks, one per thread
   (:func:`_column_blocks`).
 
@@ -41,29 +44,12 @@ class _GroupedLinear(torch.autograd.Function):
         n_tokens, n_slots = x.shape[0], slot_token.shape[0]
         k = n_slots // n_tokens if n_tokens else 1
         xs = x.index_select(0, slot_token)  # inputs in expert order
-        # k == 1: every token has one slot, so the experts' rows land on disjoint output rows and
-        # are copied straight in; k > 1: a token's slots sit with several experts and are summed.
-        n_out, n_in = weights[0].shape
-        out = x.new_empty(n_tokens, n_out) if k == 1 else x.new_zeros(n_tokens, n_out)
         bounds = list(accumulate(counts, initial=0))
-        blocks = _column_blocks(x, n_out)
-        # The output viewed as `blocks` equal column blocks: [tokens, blocks, n_out / blocks].
-        out_blocks = out.view(n_tokens, blocks, n_out // blocks)
-        for e in range(len(counts)):
-            lo, hi = bounds[e], bounds[e + 1]
-            x_e = xs[lo:hi].expand(blocks, hi - lo, n_in)
-            w = weights[e].to(x.dtype).reshape(blocks, n_out // blocks, n_in).transpose(1, 2)
-            if biases:
-                y = torch.baddbmm(biases[e].to(x.dtype).view(blocks, 1, -1), x_e, w)
-            else:
-                y = torch.bmm(x_e, w)
-            if not unit_gates:
-                y.mul_(gates[lo:hi].to(y.dtype).view(1, -1, 1))
-            y = y.transpose(0, 1)  # [rows, blocks, n_out / blocks]
-            if k == 1:
-                out_blocks.index_copy_(0, slot_token[lo:hi], y)
-            else:  # index_add_ is ~3x slower on the strided blocks than on whole rows
-                out.index_add_(0, slot_token[lo:hi], y.reshape(hi - lo, n_out))
+        blocks = _column_blocks(x, weights[0].shape[0])
+        if blocks > 1:
+            out = _forward_blocks(x, xs, slot_token, gates, bounds, unit_gates, k, blocks, weights, biases)
+        else:
+            out = _forward_rows(x, xs, slot_token, gates, bounds, unit_gates, k, weights, biases)
         ctx.save_for_backward(xs, slot_token, gates)
         # Parameters are held by reference, not saved: ZeRO-3 swaps their storage between the
         # forward and the backward (and gathers them again before this backward runs).
@@ -73,47 +59,102 @@ class _GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # Whole-slot passes (one gather, one scatter, one dot product) around a loop of nothing but
+        # the expert products: on a GPU every per-expert call is a kernel launch, and these are
+        # what the fixed cost of an MoE layer is made of.
         xs, slot_token, gates = ctx.saved_tensors
         weights, biases = ctx.params[: ctx.n_weights], ctx.params[ctx.n_weights :]
         need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         need_w = ctx.needs_input_grad[6 : 6 + ctx.n_weights]
         need_b = ctx.needs_input_grad[6 + ctx.n_weights :]
-        grad = grad.contiguous()
         k, unit = ctx.k, ctx.unit_gates
-        grad_x = None
-        if need_x:
-            shape = (ctx.n_tokens, xs.shape[1])
-            grad_x = xs.new_empty(shape) if k == 1 else xs.new_zeros(shape)
-        grad_gates = torch.empty_like(gates) if need_gates else None
+        gs = grad.contiguous().index_select(0, slot_token)  # upstream gradient of each slot
+        scale = None if unit else gates.to(gs.dtype).unsqueeze(1)
+        gs_w = gs if unit else gs * scale  # ... times its gate: what the weights see
+        hs = gs.new_empty(xs.shape) if (need_x or need_gates) else None  # g W_e: dx before the gate
+        bias_dots = gs.new_empty(xs.shape[0]) if (need_gates and biases) else None
         grad_w: list[Optional[torch.Tensor]] = [None] * len(weights)
         grad_b: list[Optional[torch.Tensor]] = [None] * len(biases)
         bounds = ctx.bounds
         for e in range(len(bounds) - 1):
             lo, hi = bounds[e], bounds[e + 1]
-            x_e = xs[lo:hi]
-            g = grad.index_select(0, slot_token[lo:hi])  # upstream gradient of this expert's slots
-            h = g @ weights[e].to(g.dtype) if (need_x or need_gates) else None  # dx before the gate
-            if need_gates:  # <g, W x + b> without the expert output: <g W, x> + <g, b>
-                dots = torch.linalg.vecdot(h, x_e)
-                if biases:
-                    dots += g @ biases[e].to(g.dtype)
-                grad_gates[lo:hi] = dots.to(grad_gates.dtype)
-            if not unit:
-                scale = gates[lo:hi].to(g.dtype).unsqueeze(1)
-                g.mul_(scale)
-                if h is not None:
-                    h.mul_(scale)
-            if need_x:
-                if k == 1:
-                    grad_x.index_copy_(0, slot_token[lo:hi], h)
-                else:
-                    grad_x.index_add_(0, slot_token[lo:hi], h)
+            if hi > lo:
+                g = gs[lo:hi]
+                if hs is not None:
+                    torch.mm(g, weights[e].to(g.dtype), out=hs[lo:hi])
+                if bias_dots is not None:
+                    torch.mv(g, biases[e].to(g.dtype), out=bias_dots[lo:hi])
             # Computed even for an expert without rows (a zero gradient, not None).
             if need_w[e]:
-                grad_w[e] = (g.t() @ x_e).to(weights[e].dtype)
+                grad_w[e] = (gs_w[lo:hi].t() @ xs[lo:hi]).to(weights[e].dtype)
             if biases and need_b[e]:
-                grad_b[e] = g.sum(0).to(biases[e].dtype)
+                grad_b[e] = gs_w[lo:hi].sum(0).to(biases[e].dtype)
+        grad_gates = None
+        if need_gates:  # <g, W x + b> without the expert output: <g W, x> + <g, b>
+            dots = torch.linalg.vecdot(hs, xs)
+            if bias_dots is not None:
+                dots += bias_dots
+            grad_gates = dots.to(gates.dtype)
+        grad_x = None
+        if need_x:
+            if scale is not None:
+                hs.mul_(scale)
+            grad_x = _to_token_order(hs, slot_token, ctx.n_tokens, k)
         return (grad_x, None, grad_gates, None, None, None, *grad_w, *grad_b)
+
+
+def _forward_rows(x, xs, slot_token, gates, bounds, unit_gates, k, weights, biases) -> torch.Tensor:
+    """Each expert's product written into its rows of one expert-ordered buffer, then one scatter
+    to token order: the fewest calls per expert, which is what a GPU needs."""
+    ys = x.new_empty(xs.shape[0], weights[0].shape[0])
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            continue
+        w = weights[e].to(x.dtype).t()
+        if biases:
+            torch.addmm(biases[e].to(x.dtype), xs[lo:hi], w, out=ys[lo:hi])
+        else:
+            torch.mm(xs[lo:hi], w, out=ys[lo:hi])
+    if not unit_gates:
+        ys.mul_(gates.to(ys.dtype).unsqueeze(1))
+    return _to_token_order(ys, slot_token, x.shape[0], k)
+
+
+def _forward_blocks(x, xs, slot_token, gates, bounds, unit_gates, k, blocks, weights, biases) -> torch.Tensor:
+    """CPU with several threads: each expert's product as a batch of ``blocks`` column blocks, one per
+    thread (:func:`_column_blocks`), scattered to token order while it is still in cache."""
+    n_tokens = x.shape[0]
+    n_out, n_in = weights[0].shape
+    # k == 1: every token has one slot, so the experts' rows land on disjoint output rows and
+    # are copied straight in; k > 1: a token's slots sit with several experts and are summed.
+    out = x.new_empty(n_tokens, n_out) if k == 1 else x.new_zeros(n_tokens, n_out)
+    # The output viewed as `blocks` equal column blocks: [tokens, blocks, n_out / blocks].
+    out_blocks = out.view(n_tokens, blocks, n_out // blocks)
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        x_e = xs[lo:hi].expand(blocks, hi - lo, n_in)
+        w = weights[e].to(x.dtype).reshape(blocks, n_out // blocks, n_in).transpose(1, 2)
+        if biases:
+            y = torch.baddbmm(biases[e].to(x.dtype).view(blocks, 1, -1), x_e, w)
+        else:
+            y = torch.bmm(x_e, w)
+        if not unit_gates:
+            y.mul_(gates[lo:hi].to(y.dtype).view(1, -1, 1))
+        y = y.transpose(0, 1)  # [rows, blocks, n_out / blocks]
+        if k == 1:
+            out_blocks.index_copy_(0, slot_token[lo:hi], y)
+        else:  # index_add_ is ~3x slower on the strided blocks than on whole rows
+            out.index_add_(0, slot_token[lo:hi], y.reshape(hi - lo, n_out))
+    return out
+
+
+def _to_token_order(rows: torch.Tensor, slot_token: torch.Tensor, n_tokens: int, k: int) -> torch.Tensor:
+    """Rows in expert order -> ``[n_tokens, width]``: copied (k == 1, one slot per token) or summed."""
+    shape = (n_tokens, rows.shape[1])
+    if k == 1:
+        return rows.new_empty(shape).index_copy_(0, slot_token, rows)
+    return rows.new_zeros(shape).index_add_(0, slot_token, rows)
 
 
 def _column_blocks(x: torch.Tensor, n_out: int) -> int:

@@ -78,7 +78,7 @@ class RouterAux:
     z_loss: torch.Tensor
     expert_fraction: torch.Tensor  # [E], detached
     entropy: torch.Tensor  # scalar, detached: mean per-token entropy of the router distribution
-    tokens: int = 0
+    tokens: torch.Tensor  # scalar: how many (non-padding) tokens these were computed over
 
 
 class Router(nn.Linear):
@@ -147,26 +147,32 @@ class MoEFeedForward(nn.Module):
         h = x.reshape(-1, self.in_features)
         logits, probs, top_i, gates = self.route(h)
         st = self.top_k == 1 and self.top1_gate == "straight_through"
-        out = dispatch(h, top_i, gates, self.experts, unit_gates=st)
+        # Before dispatch, whose per-expert row counts wait for the GPU: queued ahead of that wait,
+        # these small kernels run while the host waits instead of after it.
         self.aux = self._aux(logits, probs, top_i, lead)
+        out = dispatch(h, top_i, gates, self.experts, unit_gates=st)
         return out.reshape(*lead, self.out_features)
 
     def _aux(self, logits: torch.Tensor, probs: torch.Tensor, top_i: torch.Tensor, lead: torch.Size) -> RouterAux:
+        # Padding is weighted out rather than indexed out: boolean indexing would make the host
+        # wait for the GPU to count the real tokens.
         mask = self._token_mask
-        if mask is not None and tuple(mask.shape) == tuple(lead):
-            keep = mask.reshape(-1).bool()
-            logits, probs, top_i = logits[keep], probs[keep], top_i[keep]
-        n = probs.shape[0]
-        if n == 0:
-            zero = probs.sum() * 0
-            return RouterAux(zero, zero, torch.zeros(self.num_experts), torch.zeros(()), 0)
-        counts = torch.bincount(top_i.reshape(-1), minlength=self.num_experts).float()
-        frac = counts / counts.sum()
-        mean_p = probs.mean(dim=0)
+        w = mask.reshape(-1).to(probs.dtype) if mask is not None and tuple(mask.shape) == tuple(lead) else None
+        lse = torch.logsumexp(logits, dim=-1)
+        slot_w = None if w is None else w.unsqueeze(1).expand(-1, self.top_k).reshape(-1)
+        counts = expert_counts(top_i.reshape(-1), self.num_experts, slot_w).float()
+        frac = counts / counts.sum().clamp_min(1)
+        if w is None:
+            n = torch.full((), probs.shape[0], device=probs.device)
+            mean_p, z = probs.mean(dim=0), lse.square().mean()
+        else:  # no real token: every term is 0
+            n = w.sum()
+            mean_p, z = w @ probs / n.clamp_min(1), w @ lse.square() / n.clamp_min(1)
         balance = self.num_experts * (frac * mean_p).sum()
-        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
-        return RouterAux(balance, z, frac.detach(), entropy.detach(), n)
+        with torch.no_grad():  # H = logsumexp(l) - sum_i p_i l_i
+            ent = lse - torch.linalg.vecdot(probs, logits)
+            entropy = ent.mean() if w is None else w @ ent / n.clamp_min(1)
+        return RouterAux(balance, z, frac.detach(), entropy, n.long())
 
 
 def dispatch(
@@ -189,12 +195,20 @@ def dispatch(
     order = torch.argsort(flat_e, stable=True)
     # Every expert is in the grouped call, even with zero rows: its parameters then get a zero
     # gradient instead of None, so data-parallel gradient buckets have the same size on every rank.
-    counts = torch.bincount(flat_e, minlength=len(experts)).tolist()
+    counts = expert_counts(flat_e, len(experts)).tolist()  # the host waits for the GPU here
     slot_token = order // k if k > 1 else order
     return grouped_linear(
-        h, slot_token, counts, gates.reshape(-1)[order],
+        h, slot_token, counts, gates.reshape(-1).index_select(0, order),
         [ex.weight for ex in experts], [ex.bias for ex in experts], unit_gates=unit_gates,
     )
+
+
+def expert_counts(expert: torch.Tensor, num_experts: int, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[num_experts]`` counts (int64; or the summed ``weight``) of the expert ids in ``expert``.
+    Not ``torch.bincount``: on a GPU it reads the largest id back to the host to size its output."""
+    if weight is None:
+        weight = torch.ones_like(expert)
+    return weight.new_zeros(num_experts).scatter_add_(0, expert, weight)
 
 
 def dispatch_naive(

@@ -127,6 +127,35 @@ def test_bf16_moe_layer_routes_in_fp32_and_matches_fp32_on_gpu():
     assert g is not None and torch.isfinite(g.float()).all() and g.float().abs().sum() > 0
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_moe_layer_waits_for_the_gpu_once_per_forward_and_backward(k):
+    """The per-expert row counts are read back to the host once per forward (the expert loop
+    needs them); nothing else waits for the GPU: not the routing, not the router losses over a
+    padding mask, not the backward. Each wait stalls the GPU until the host catches up."""
+    import warnings
+
+    from clp_ray.moe import router_loss, token_mask
+
+    layer = moe_layer(k=k).cuda()
+    x = torch.randn(4, 96, layer.in_features, device="cuda", requires_grad=True)
+    mask = torch.ones(4, 96, dtype=torch.long, device="cuda")
+    mask[1:, 60:] = 0
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with token_mask(layer, mask):
+                out = layer(x)
+            (out.pow(2).mean() + router_loss(layer)).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message)[:200] for w in seen if "called a synchronizing" in str(w.message)]
+    assert len(waits) == 1, waits
+    assert int(layer.aux.tokens) == 4 * 96 - 3 * 36
+    assert x.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
 def test_upcycled_embedder_equals_dense_and_cpu_on_gpu(tiny_embedder):
     dense = tiny_embedder.to("cuda")
     moe = copy.deepcopy(dense)

@@ -94,10 +94,45 @@ def test_balance_and_z_loss_equal_their_formulas_on_hand_made_routing():
     torch.testing.assert_close(aux.balance_loss, expected_balance)
     torch.testing.assert_close(aux.z_loss, expected_z)
     torch.testing.assert_close(aux.expert_fraction, f)
-    assert aux.tokens == 4  # padding excluded
+    assert int(aux.tokens) == 4  # padding excluded
     entropy = -(p * p.log()).sum(-1).mean()
     torch.testing.assert_close(aux.entropy, entropy)
     torch.testing.assert_close(router_loss(layer), 0.01 * expected_balance + 0.001 * expected_z)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_losses_over_a_padding_mask_equal_the_real_tokens_alone(top_k):
+    """Padding is weighted out of the router losses and statistics (no boolean indexing): the
+    result equals the same layer run on the real tokens only, losses' gradients included."""
+    torch.manual_seed(3)
+    layer = MoEFeedForward(nn.Linear(8, 12), num_experts=4, top_k=top_k)
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    x = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    with token_mask(layer, mask):
+        layer(x)
+    padded = layer.aux
+    (g_padded,) = torch.autograd.grad(router_loss(layer), layer.router.weight)
+    layer(x[mask.bool()])  # the 9 real tokens alone, no mask
+    alone = layer.aux
+    (g_alone,) = torch.autograd.grad(router_loss(layer), layer.router.weight)
+    for field in ("balance_loss", "z_loss", "expert_fraction", "entropy"):
+        torch.testing.assert_close(getattr(padded, field), getattr(alone, field))
+    assert int(padded.tokens) == int(alone.tokens) == 9
+    torch.testing.assert_close(g_padded, g_alone)
+
+
+def test_router_losses_of_an_all_padding_batch_are_zero():
+    layer = MoEFeedForward(nn.Linear(8, 12), num_experts=3, top_k=2)
+    with token_mask(layer, torch.zeros(2, 4, dtype=torch.long)):
+        layer(torch.randn(2, 4, 8))
+    aux = layer.aux
+    assert int(aux.tokens) == 0
+    for value in (aux.balance_loss, aux.z_loss, aux.entropy, *aux.expert_fraction):
+        assert float(value.detach()) == 0.0
+    (g,) = torch.autograd.grad(router_loss(layer), layer.router.weight)
+    assert torch.equal(g, torch.zeros_like(g))
 
 
 def test_uniform_routing_gives_balance_loss_one():
