@@ -5,10 +5,13 @@ training step pays: forward + backward of a BGE-M3-shaped encoder (XLM-R large g
 hidden 1024, intermediate 4096; random weights, small vocabulary) on ``--batch`` x ``--seq`` tokens,
 dense vs the last layer's ``intermediate.dense`` upcycled (top-1) for each E, under each train-only
 policy (``moe``: only the MoE layer trains, as in the paper, so the backward stops there; ``all``).
-Parameters are cast to ``--dtype`` as DeepSpeed's bf16 mode does. Ratios are medians of
-back-to-back pairs in alternating order.
+As in training, each sequence has padding (real length drawn from ``[--min-length, --seq]``, seeded;
+default from half the sequence), the MoE layers see the attention mask (``token_mask``) and the
+router losses join the loss. Parameters are cast to ``--dtype`` as DeepSpeed's bf16 mode does.
+Ratios are medians of back-to-back pairs in alternating order.
 
     python benchmarks/moe_step.py [--device cuda] [--dtype bf16] [--batch 64] [--seq 256] [--layers 24]
+                                  [--min-length N]
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--batch", type=positive, default=64)
     ap.add_argument("--seq", type=positive, default=256)
+    ap.add_argument("--min-length", type=positive, default=None,
+                    help="shortest real sequence length (default: half of --seq; --seq: no padding)")
     ap.add_argument("--layers", type=positive, default=24)
     ap.add_argument("--hidden", type=positive, default=1024)
     ap.add_argument("--intermediate", type=positive, default=4096)
@@ -44,9 +49,12 @@ def main() -> None:
         ap.error("--device cuda: no CUDA GPU is visible to torch")
     if args.hidden % 64:
         ap.error(f"--hidden {args.hidden}: must be a multiple of 64 (attention heads of 64)")
+    min_length = args.min_length or max(1, args.seq // 2)
+    if min_length > args.seq:
+        ap.error(f"--min-length {min_length}: must be at most --seq {args.seq}")
     from transformers import AutoModel, XLMRobertaConfig
 
-    from clp_ray.moe import apply_train_only, upcycle
+    from clp_ray.moe import apply_train_only, router_loss, token_mask, upcycle
 
     dev, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     cfg = XLMRobertaConfig(vocab_size=8192, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -55,20 +63,23 @@ def main() -> None:
     torch.manual_seed(0)
     dense = AutoModel.from_config(cfg, add_pooling_layer=False).to(dev, dtype).train()
     ids = torch.randint(5, cfg.vocab_size, (args.batch, args.seq), device=dev)
-    mask = torch.ones_like(ids)
+    lengths = torch.randint(min_length, args.seq + 1, (args.batch,), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(args.seq) < lengths.unsqueeze(1)).long().to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step(model) -> float:
         sync()
         t = time.perf_counter()
-        h = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
-        h.float().pow(2).mean().backward()
+        with token_mask(model, mask):  # as the Embedder's forward does; no-ops on the dense model
+            h = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        (h.float().pow(2).mean() + router_loss(model)).backward()
         sync()
         return time.perf_counter() - t
 
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {args.dtype}, {args.layers} layers {args.hidden}/{args.intermediate}, "
-          f"{args.batch}x{args.seq} tokens, forward+backward, median of {args.repeats} pairs")
+          f"{args.batch}x{args.seq} tokens ({1 - mask.float().mean().item():.0%} padding), forward+backward, "
+          f"median of {args.repeats} pairs")
     print(f"{'train_only':>10} {'E':>2} {'dense':>9} {'moe':>9} {'moe/dense':>10}")
     for policy in ("moe", "all"):
         for e in args.experts:

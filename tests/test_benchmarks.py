@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,9 +41,12 @@ def test_moe_overhead_benchmark_in_bf16_says_the_target_is_for_fp32():
 def test_moe_step_benchmark_prints_each_policy_and_expert_count():
     run = subprocess.run([sys.executable, "benchmarks/moe_step.py", "--device", "cpu", "--dtype", "fp32",
                           "--batch", "2", "--seq", "8", "--layers", "2", "--hidden", "64", "--intermediate", "128",
-                          "--experts", "2", "4", "--repeats", "2"],
+                          "--experts", "2", "4", "--repeats", "2", "--min-length", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
+    padding = int(re.search(r"2x8 tokens \((\d+)% padding\)", run.stdout).group(1))
+    lengths = torch.randint(2, 9, (2,), generator=torch.Generator().manual_seed(0))  # 6 and 5 of 8
+    assert padding == round(100 * (1 - lengths.sum().item() / 16))
     rows = [line.split() for line in run.stdout.splitlines() if re.match(r"\s*(moe|all)\s+\d", line)]
     assert [(r[0], r[1]) for r in rows] == [("moe", "2"), ("moe", "4"), ("all", "2"), ("all", "4")]
     assert all(float(r[-1].rstrip("x")) > 0 for r in rows)
@@ -54,6 +59,7 @@ def test_moe_step_benchmark_rejects_bad_sizes_and_a_missing_gpu():
 
     for args, message in [(["--device", "cuda"], "--device cuda: no CUDA GPU is visible to torch"),
                           (["--hidden", "32"], "--hidden 32: must be a multiple of 64"),
-                          (["--batch", "0"], "argument --batch: must be >= 1, got 0")]:
+                          (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+                          (["--seq", "8", "--min-length", "9"], "--min-length 9: must be at most --seq 8")]:
         p = run(*args, CUDA_VISIBLE_DEVICES="")
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
