@@ -165,13 +165,14 @@ class MoEFeedForward(nn.Module):
         if w is None:
             n = torch.full((), probs.shape[0], device=probs.device)
             mean_p, z = probs.mean(dim=0), lse.square().mean()
-        else:  # no real token: every term is 0
+        else:
             n = w.sum()
-            mean_p, z = w @ probs / n.clamp_min(1), w @ lse.square() / n.clamp_min(1)
+            per_token = n.clamp_min(1)  # a batch of padding alone gives 0 for every term
+            mean_p, z = w @ probs / per_token, w @ lse.square() / per_token
         balance = self.num_experts * (frac * mean_p).sum()
         with torch.no_grad():  # H = logsumexp(l) - sum_i p_i l_i
             ent = lse - torch.linalg.vecdot(probs, logits)
-            entropy = ent.mean() if w is None else w @ ent / n.clamp_min(1)
+            entropy = ent.mean() if w is None else w @ ent / per_token
         return RouterAux(balance, z, frac.detach(), entropy, n.long())
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import socket
+import warnings
 
 import pytest
 import torch
@@ -132,8 +133,6 @@ def test_moe_layer_waits_for_the_gpu_once_per_forward_and_backward(k):
     """The per-expert row counts are read back to the host once per forward (the expert loop
     needs them); nothing else waits for the GPU: not the routing, not the router losses over a
     padding mask, not the backward. Each wait stalls the GPU until the host catches up."""
-    import warnings
-
     from clp_ray.moe import router_loss, token_mask
 
     layer = moe_layer(k=k).cuda()
