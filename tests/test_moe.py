@@ -123,6 +123,36 @@ def test_router_losses_over_a_padding_mask_equal_the_real_tokens_alone(top_k):
     torch.testing.assert_close(g_padded, g_alone)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_layer_sizes_no_output_by_its_data_except_the_row_counts(top_k):
+    """On a GPU, an op whose output size depends on tensor values (boolean indexing, nonzero,
+    bincount) makes the host wait for the device. The CPU stand-in for the GPU test: over a padded
+    forward+backward no such op runs; the one read of values is dispatch's per-expert row counts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    data_sized = {torch.ops.aten.nonzero.default, torch.ops.aten.bincount.default,
+                  torch.ops.aten.masked_select.default, torch.ops.aten._local_scalar_dense.default}
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            bool_index = func is torch.ops.aten.index.Tensor and any(
+                t is not None and t.dtype == torch.bool for t in args[1])
+            if func in data_sized or bool_index:
+                seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = MoEFeedForward(nn.Linear(8, 12), num_experts=4, top_k=top_k)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    with Watch():
+        with token_mask(layer, mask):
+            out = layer(x)
+        (out.pow(2).mean() + router_loss(layer)).backward()
+    assert seen == []
+    assert int(layer.aux.tokens) == 9 and x.grad is not None
+
+
 def test_router_losses_of_an_all_padding_batch_are_zero():
     layer = MoEFeedForward(nn.Linear(8, 12), num_experts=3, top_k=2)
     with token_mask(layer, torch.zeros(2, 4, dtype=torch.long)):
