@@ -9,7 +9,7 @@ from clp_ray.grouped_linear import _column_blocks, grouped_linear
 @pytest.fixture
 def intra_op_threads(request):
     """Run with torch.get_num_threads() == request.param: on CPU the forward splits each expert's
-    product into that many column blocks when they divide the output width."""
+    product into a multiple of that many column blocks when they divide the output width."""
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
@@ -41,7 +41,7 @@ def routed(n, k, num_experts, seed):
 @pytest.mark.parametrize("intra_op_threads", [1, 2, 4], indirect=True)
 @pytest.mark.parametrize("k,bias,d_out", [(1, True, 4), (2, True, 4), (3, False, 4), (1, True, 5)])
 def test_forward_and_gradients_equal_per_slot_reference(k, bias, d_out, intra_op_threads):
-    blocks = _column_blocks(torch.empty(0), d_out)
+    blocks = _column_blocks(torch.empty(0), d_out, rows=7)
     assert blocks == (intra_op_threads if d_out % intra_op_threads == 0 else 1)
     torch.manual_seed(k)
     n, d_in, num_experts = 7, 5, 4
@@ -61,6 +61,47 @@ def test_forward_and_gradients_equal_per_slot_reference(k, bias, d_out, intra_op
         torch.testing.assert_close(a, b)
     torch.autograd.gradcheck(lambda *p: grouped_linear(p[0], slot_token, counts, p[1], p[2:6], p[6:] or None),
                              tuple(params))
+
+
+@pytest.mark.parametrize("intra_op_threads", [1, 2, 3], indirect=True)
+def test_column_blocks_are_whole_per_thread_and_widen_with_the_rows(intra_op_threads):
+    t, cpu = intra_op_threads, torch.empty(0)
+    blocks = {(n_out, rows): _column_blocks(cpu, n_out, rows) for n_out in (4, 5, 1024, 4096, 4099) for rows in (256, 512, 1024)}
+    for (n_out, rows), b in blocks.items():
+        assert n_out % b == 0 and (b == 1 or b % t == 0), (n_out, rows, b)
+        assert b == 1 or n_out // b >= min(128, n_out // t)  # never narrower than 128 columns
+    if t == 2:  # the fewest blocks at most max(512, 2 * rows) wide
+        assert [blocks[4096, r] for r in (256, 512, 1024)] == [8, 4, 2]
+        assert [blocks[1024, r] for r in (256, 512, 1024)] == [2, 2, 2]
+    if t == 3:  # 3 divides none of 4096's widths: one product per expert
+        assert blocks[4096, 256] == 1
+    assert blocks[4, 256] == (1 if t > 1 and 4 % t else t) and blocks[5, 256] == 1 and blocks[4099, 256] == 1
+    assert _column_blocks(torch.empty(0, device="meta"), 4096, 256) == 1  # not CPU: one product per expert
+
+
+@pytest.mark.parametrize("intra_op_threads", [2], indirect=True)
+@pytest.mark.parametrize("k", [1, 2])
+def test_experts_split_into_different_block_counts_equal_the_masked_reference(k, intra_op_threads):
+    # 2048 outputs: the expert with 600 rows runs as 2 blocks (1024 wide), those with fewer as 4.
+    torch.manual_seed(0)
+    n, d_in, d_out, num_experts = 700, 6, 2048, 3
+    top_i = torch.cat([torch.zeros(600, dtype=torch.long), torch.ones(80, dtype=torch.long), torch.full((20,), 2)])
+    top_i = torch.stack([top_i, (top_i + 1) % num_experts], 1)[:, :k][torch.randperm(n)]
+    flat = top_i.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    assert [_column_blocks(torch.empty(0), d_out, c) for c in counts] == ([2, 4, 4] if k == 1 else [2, 2, 4])
+    x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(n, k, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(d_out, d_in, dtype=torch.float64, requires_grad=True) for _ in range(num_experts)]
+    biases = [torch.randn(d_out, dtype=torch.float64, requires_grad=True) for _ in range(num_experts)]
+    upstream = torch.randn(n, d_out, dtype=torch.float64)
+    out = grouped_linear(x, order // k, counts, p.reshape(-1)[order], weights, biases)
+    ref = sum(((top_i == e) * p).sum(1, keepdim=True) * (x @ w.T + b) for e, (w, b) in enumerate(zip(weights, biases)))
+    torch.testing.assert_close(out, ref)
+    params = [x, p, *weights, *biases]
+    for a, b in zip(torch.autograd.grad(out, params, upstream), torch.autograd.grad(ref, params, upstream)):
+        torch.testing.assert_close(a, b)
 
 
 def test_unit_gates_skip_the_multiply_but_not_the_gradient():
