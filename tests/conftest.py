@@ -33,16 +33,20 @@ def small_data(tmp_path_factory):
 @pytest.fixture()
 def ray_cli_env(monkeypatch):
     """Environment for the `ray` CLI, heads and drivers started from a test. They must agree on the
-    auth mode (Ray 2.60 turns token auth on once ~/.ray/auth_token exists; the token is generated on
-    first use), and `ray`/`python` must be this environment's (as on a cluster node). Set in
-    os.environ too, for helpers such as AutoscalingCluster that run `ray` from PATH."""
+    auth mode (Ray 2.60 turns token auth on once ~/.ray/auth_token exists), and `ray`/`python` must be
+    this environment's (as on a cluster node). Set in os.environ too, for helpers such as
+    AutoscalingCluster that run `ray` from PATH. The token is made here if missing: `ray start`
+    refuses token auth without one, and on a fresh machine nothing has made it yet."""
     import os
+    import subprocess
     import sys
     from pathlib import Path
 
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=dict(os.environ),
+                   check=True, capture_output=True, timeout=120)
     return dict(os.environ)
 
 
