@@ -104,8 +104,8 @@ CACHING_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40
 
 
 def cpu_name() -> str:
-    """The CPU and the vector ISA torch dispatches to: the ratios depend on both (an AVX-512 Intel VM
-    and an AVX2 AMD one run the dense FFN at ~440 and ~960 ms here), so a printed run says which."""
+    """The CPU and the vector ISA torch dispatches to: the ratios depend on the machine (two dev VMs
+    ran the dense FFN in ~440 and ~960 ms), so a printed run says which it was."""
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")

@@ -82,7 +82,7 @@ def test_column_blocks_are_whole_per_thread_and_widen_with_the_rows(intra_op_thr
 @pytest.mark.parametrize("intra_op_threads", [2], indirect=True)
 @pytest.mark.parametrize("k", [1, 2])
 def test_experts_split_into_different_block_counts_equal_the_masked_reference(k, intra_op_threads):
-    # 2048 outputs: the expert with 600 rows runs as 2 blocks (1024 wide), those with fewer as 4.
+    # 2048 outputs: an expert with 600 or more rows runs as 2 blocks (1024 wide), those with fewer as 4.
     torch.manual_seed(0)
     n, d_in, d_out, num_experts = 700, 6, 2048, 3
     top_i = torch.cat([torch.zeros(600, dtype=torch.long), torch.ones(80, dtype=torch.long), torch.full((20,), 2)])
