@@ -42,10 +42,11 @@ def ray_cli_env(monkeypatch):
     import sys
     from pathlib import Path
 
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    bin_dir = Path(sys.executable).parent
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=dict(os.environ),
+    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=dict(os.environ),
                    check=True, capture_output=True, timeout=120)
     return dict(os.environ)
 
