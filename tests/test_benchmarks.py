@@ -1,6 +1,9 @@
 """The MoE benchmarks run end to end (tiny shapes) and print their rows of ratios."""
 
+import importlib.util
+import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -17,6 +20,7 @@ def test_moe_overhead_benchmark_prints_every_row():
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "caching allocator" in run.stdout and "1 threads" in run.stdout
+    assert "median of 3 rounds (naive loop 3)" in run.stdout  # the naive loop's 5 capped at --repeats
     # The header names the CPU and the ISA torch runs on: ratios differ from one VM to the next.
     assert f"({torch.backends.cpu.get_cpu_capability()}), 1 threads" in run.stdout
     rows = [line.split() for line in run.stdout.splitlines() if re.match(r"\s*[248]\s+[12]\s", line)]
@@ -24,7 +28,33 @@ def test_moe_overhead_benchmark_prints_every_row():
     for r in rows:  # three ratios per row, all positive
         ratios = [float(v.rstrip("x")) for v in r if v.endswith("x")]
         assert len(ratios) == 3 and all(v > 0 for v in ratios)
+        lo, hi = map(float, re.fullmatch(r"(\d+\.\d+)-(\d+\.\d+)", r[5]).groups())  # the FFN ratio's CI
+        assert lo <= ratios[0] <= hi
     assert re.search(r"targets .*: (PASS|FAIL)$", run.stdout.strip())
+
+
+def load_moe_overhead():
+    spec = importlib.util.spec_from_file_location("moe_overhead", ROOT / "benchmarks" / "moe_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_median_ci_takes_the_textbook_order_statistics_and_covers_the_median():
+    median_ci = load_moe_overhead().median_ci
+    values = [float(i) for i in range(1, 101)]  # order statistic j is j itself
+    assert median_ci(values[:30]) == (10.0, 21.0)  # the 95% ranks for n = 30 and n = 100
+    assert median_ci(values) == (40.0, 61.0)
+    assert median_ci(values[:3]) == (1.0, 3.0)  # too few for 95%: the whole range
+    # Its coverage: every interval's tail is at most 2.5%, so >= 95% of samples contain the median;
+    # exactly P(j <= Binomial(30, 1/2) <= 20) = 95.7% for n = 30.
+    exact = sum(math.comb(30, i) for i in range(10, 21)) / 2 ** 30
+    rng = random.Random(0)
+    hits = 0
+    for _ in range(4000):
+        lo, hi = median_ci([rng.expovariate(1.0) for _ in range(30)])  # skewed, median ln 2
+        hits += lo <= math.log(2) <= hi
+    assert abs(hits / 4000 - exact) < 0.012 and exact >= 0.95
 
 
 def test_moe_overhead_benchmark_in_bf16_says_the_target_is_for_fp32():
@@ -38,6 +68,11 @@ def test_moe_overhead_benchmark_in_bf16_says_the_target_is_for_fp32():
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert no_gpu.returncode == 2 and "--device cuda: no CUDA GPU is visible to torch" in no_gpu.stderr
+    for args, message in [(["--repeats", "3", "--naive-repeats", "4"], "--naive-repeats 4: must be at most --repeats 3"),
+                          (["--repeats", "0"], "argument --repeats: must be >= 1, got 0")]:
+        bad = subprocess.run([sys.executable, "benchmarks/moe_overhead.py", *args],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_moe_step_benchmark_prints_each_policy_and_expert_count():
