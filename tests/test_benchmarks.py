@@ -68,8 +68,12 @@ def test_moe_overhead_benchmark_in_bf16_says_the_target_is_for_fp32():
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert no_gpu.returncode == 2 and "--device cuda: no CUDA GPU is visible to torch" in no_gpu.stderr
+
+
+def test_moe_overhead_benchmark_rejects_bad_round_counts():
     for args, message in [(["--repeats", "3", "--naive-repeats", "4"], "--naive-repeats 4: must be at most --repeats 3"),
-                          (["--repeats", "0"], "argument --repeats: must be >= 1, got 0")]:
+                          (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+                          (["--threads", "-1"], "argument --threads: must be >= 0, got -1")]:
         bad = subprocess.run([sys.executable, "benchmarks/moe_overhead.py", *args],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
