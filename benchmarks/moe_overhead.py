@@ -40,7 +40,6 @@ memory (``MALLOC_MMAP_MAX_=0``, large trim threshold), for dense and MoE alike.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -50,6 +49,7 @@ import time
 import torch
 from torch import nn
 
+from clp_ray.cli import int_at_least
 from clp_ray.moe import MoEFeedForward, dispatch_naive
 
 
@@ -121,14 +121,12 @@ def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
 
 def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
     """Distribution-free confidence interval of the median: order statistics ``j`` and ``n + 1 - j``
-    (1-based), with ``j`` the largest rank for which ``P(Binomial(n, 1/2) < j) <= (1 - level) / 2``.
-    With too few values for that level it is the whole range."""
+    (1-based), with ``j`` the smallest rank for which ``P(Binomial(n, 1/2) <= j) >= (1 - level) / 2``
+    (scipy's ``binom.ppf``). With too few values for that level it is the whole range."""
+    from scipy.stats import binom  # only here: keeps it off the two start-ups (the script re-executes itself)
+
     xs, n = sorted(values), len(values)
-    tail, below, j = (1 - level) / 2, 0.0, 0
-    while below + math.comb(n, j) / 2 ** n <= tail:  # below = P(Binomial(n, 1/2) <= j - 1)
-        below += math.comb(n, j) / 2 ** n
-        j += 1
-    j = max(j, 1)
+    j = max(int(binom.ppf((1 - level) / 2, n, 0.5)), 1)
     return xs[j - 1], xs[n - j]
 
 
@@ -144,17 +142,6 @@ def cpu_name() -> str:
     except OSError:  # not Linux
         model = platform.processor() or "CPU"
     return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
-
-
-def int_at_least(minimum: int):
-    """An argparse type: an int >= ``minimum``, or a usage error that says so."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    parse.__name__ = "int"  # argparse names it in "invalid int value: 'x'"
-    return parse
 
 
 def main() -> None:
@@ -214,8 +201,9 @@ def main() -> None:
             params = list(up.parameters()) + list(down.parameters()) + list(layer.parameters())
             times = time_all(fns, x, grads, params, args.repeats, {"naive": args.naive_repeats})
             t = {k: statistics.median(v) for k, v in times.items()}
-            ffn_r, lin_r = ratio(times, "ffn_moe", "ffn_dense"), ratio(times, "lin_moe", "lin_dense")
-            lo, hi = median_ci(ratios(times, "ffn_moe", "ffn_dense"))
+            ffn_rounds = ratios(times, "ffn_moe", "ffn_dense")
+            ffn_r, lin_r = statistics.median(ffn_rounds), ratio(times, "lin_moe", "lin_dense")
+            lo, hi = median_ci(ffn_rounds)
             speedup = ratio(times, "naive", "lin_moe")
             # The targets are for top-1; top-2 runs two experts per token (twice the FLOPs) and is
             # shown for reference (at E=2 the naive loop does exactly the same work).

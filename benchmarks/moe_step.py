@@ -23,12 +23,9 @@ import time
 
 import torch
 
+from clp_ray.cli import int_at_least
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+positive = int_at_least(1)
 
 
 def main() -> None:

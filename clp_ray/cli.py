@@ -1,4 +1,4 @@
-"""Shared command-line plumbing for the thin ``jobs/`` entry points.
+"""Shared command-line plumbing for the thin ``jobs/`` entry points (and the benchmarks' arguments).
 
 Every job gets ``--lang``, ``--profile``, ``--set``, ``--config-dir``, ``--print-config`` and
 ``--summary``; user errors (:class:`~clp_ray.errors.ClpRayError`) print one clear message and exit 2
@@ -35,6 +35,17 @@ def experiment_parser(description: str, *, lang_required: bool = True) -> argpar
     ap.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
     add_summary_arg(ap)
     return ap
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum``, or a usage error that says so."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names it in "invalid int value: 'x'"
+    return parse
 
 
 def add_summary_arg(ap: argparse.ArgumentParser) -> None:

@@ -46,8 +46,7 @@ def ray_cli_env(monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=dict(os.environ),
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
     return dict(os.environ)
 
 
