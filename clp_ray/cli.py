@@ -52,8 +52,13 @@ def add_summary_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--summary", default=None, metavar="PATH", help="write a JSON summary of the result here (atomically)")
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.lang, args.profile, args.overrides, config_dir=args.config_dir)
+def config_from_args(args: argparse.Namespace, model: Optional[str] = None) -> ExperimentConfig:
+    """The job's config; with ``model`` (a ``--model REF`` other than the config's own model) the
+    model settings the config files wrote for their model give way to ``REF``'s own folder."""
+    cfg = load_config(args.lang, args.profile, args.overrides, config_dir=args.config_dir)
+    if model is None or model == cfg.model.name_or_path:
+        return cfg
+    return load_config(args.lang, args.profile, args.overrides, config_dir=args.config_dir, model=model)
 
 
 def setup_logging() -> None:

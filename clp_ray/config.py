@@ -12,6 +12,7 @@ import copy
 import difflib
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, get_args
@@ -20,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from clp_ray.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -53,15 +56,28 @@ class TinyModelConfig(_Section):
         return self
 
 
+# The model settings that decide what vector a text gets (clp_ray.model_settings.EmbedSettings).
+MODEL_SETTINGS = ("pooling", "normalize", "query_max_len", "passage_max_len", "query_prefix", "passage_prefix")
+
+
 class ModelConfig(_Section):
     # "tiny" builds TinyModelConfig's encoder offline; anything else is a hub id or a local folder.
     name_or_path: str = "BAAI/bge-m3"
-    pooling: Literal["cls", "mean"] = "cls"
-    normalize: bool = True
-    query_max_len: int = Field(64, ge=4, le=8192)
-    passage_max_len: int = Field(256, ge=4, le=8192)
+    # How the model embeds. None (unset): what the model folder says (clp_ray.json, or its
+    # sentence-transformers files), else the defaults (cls, true, 64, 256, no prefixes). A value set
+    # in a config file applies only to the model that file (or an earlier one) names; see build_config.
+    pooling: Optional[Literal["cls", "mean"]] = None
+    normalize: Optional[bool] = None
+    query_max_len: Optional[int] = Field(None, ge=4, le=8192)
+    passage_max_len: Optional[int] = Field(None, ge=4, le=8192)
+    query_prefix: Optional[str] = None  # e.g. "query: " for E5 models; "" for none
+    passage_prefix: Optional[str] = None  # e.g. "passage: "
     gradient_checkpointing: bool = False
     tiny: TinyModelConfig = TinyModelConfig()
+
+    def explicit_settings(self) -> dict[str, Any]:
+        """The settings the user set for this model (the rest come from the folder or defaults)."""
+        return {k: getattr(self, k) for k in MODEL_SETTINGS if getattr(self, k) is not None}
 
 
 class RouterConfig(_Section):
@@ -103,6 +119,10 @@ class DataConfig(_Section):
     on_bad_record: Literal["error", "skip"] = "error"
     max_line_bytes: int = Field(1_000_000, ge=64)
     dev_fraction: float = Field(0.1, ge=0, lt=1)
+    # How the dev split is carved from the training records: "queries" (query-disjoint; dev
+    # queries may share positive documents with training queries) or "documents" (no dev
+    # positive is a training positive: dev predicts a document-disjoint test set).
+    dev_split: Literal["queries", "documents"] = "queries"
     seed: int = 42
     # Texts per length-sorted padded sub-batch when encoding a training batch (0: pad the whole
     # batch to its longest text). Smaller = less padding, larger = bigger matmuls.
@@ -183,6 +203,9 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
     chunk_size: int = Field(4096, ge=1)
     top_k: int = Field(100, ge=10)
+    # Where miracl://<lang> reads MIRACL's published files: the Hugging Face hub (hf://datasets,
+    # cached on disk) or a local folder with the same layout (miracl/miracl/..., miracl/miracl-corpus/...).
+    miracl_root: str = "hf://datasets"
 
 
 class GeneratorConfig(_Section):
@@ -306,11 +329,13 @@ class ExperimentConfig(_Section):
 
 
 class _Layer:
-    """One source of settings: its data and, per dotted key, where that key was written."""
+    """One source of settings: its data and, per dotted key, where that key was written.
+    ``user_set``: a ``--set`` (or ``--model``) on the command line rather than a config file."""
 
-    def __init__(self, data: dict[str, Any], where: dict[str, str]):
+    def __init__(self, data: dict[str, Any], where: dict[str, str], user_set: bool = False):
         self.data = data
         self.where = where
+        self.user_set = user_set
 
 
 def _node_lines(node: yaml.Node, path: str, source: str, where: dict[str, str]) -> None:
@@ -364,7 +389,7 @@ def parse_set(assignment: str) -> _Layer:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     where = {".".join(parts[: i + 1]): f"--set {assignment}" for i in range(len(parts))}
-    return _Layer(data, where)
+    return _Layer(data, where, user_set=True)
 
 
 def _merge(base: dict[str, Any], overlay: dict[str, Any], where: dict[str, str], overlay_where: dict[str, str], prefix: str = "") -> None:
@@ -433,11 +458,34 @@ def _key_hint(loc: tuple) -> str:
     return f" (did you mean {close[0]}?)" if close else f"; valid keys here: {', '.join(keys)}"
 
 
+def _stale_model_settings(layers: list[_Layer]) -> list[str]:
+    """The ``model.*`` settings (pooling, max lengths, prefixes, ...) whose last writer is a config
+    file that comes before the layer naming the model: they describe that file's model (BGE-M3 in
+    base.yaml, the profile's model), not the one named later (``--set model.name_or_path=DIR``,
+    ``--model DIR``), so that model's own folder decides them. ``--set`` values always apply."""
+    def model_part(layer: _Layer) -> dict:
+        part = layer.data.get("model")
+        return part if isinstance(part, dict) else {}
+
+    named_at = max((i for i, layer in enumerate(layers) if "name_or_path" in model_part(layer)), default=-1)
+    stale = []
+    for key in MODEL_SETTINGS:
+        last = max((i for i, layer in enumerate(layers) if key in model_part(layer)), default=None)
+        if last is not None and last < named_at and not layers[last].user_set:
+            stale.append(key)
+    return stale
+
+
 def build_config(layers: list[_Layer]) -> ExperimentConfig:
     data: dict[str, Any] = {}
     where: dict[str, str] = {}
     for layer in layers:
         _merge(data, layer.data, where, layer.where)
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    for key in _stale_model_settings(layers):
+        value, origin = model.pop(key, None), where.pop(f"model.{key}", "?")
+        log.info("model.%s = %r (%s) describes another model than model.name_or_path = %s (%s): left to that "
+                 "model's own folder", key, value, origin, model.get("name_or_path"), where.get("model.name_or_path"))
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
@@ -459,8 +507,13 @@ def load_config(
     *,
     config_dir: str | os.PathLike | None = None,
     extra_files: list[str | os.PathLike] | tuple = (),
+    model: Optional[str] = None,
 ) -> ExperimentConfig:
-    """Resolve base -> lang -> profile -> extra files -> ``--set`` overrides into a validated config."""
+    """Resolve base -> lang -> profile -> extra files -> ``--set`` overrides into a validated config.
+
+    ``model``: a model named on the command line (``--model REF``) as the last layer; the model
+    settings written for the config's own model then no longer apply (:func:`_stale_model_settings`).
+    """
     cdir = Path(config_dir) if config_dir else default_config_dir()
     base = cdir / "base.yaml"
     if not base.exists():
@@ -479,6 +532,8 @@ def load_config(
         layers.append(load_yaml_layer(cdir / "profiles" / f"{profile}.yaml"))
     layers.extend(load_yaml_layer(Path(f)) for f in extra_files)
     layers.extend(parse_set(s) for s in overrides)
+    if model is not None:
+        layers.append(_Layer({"model": {"name_or_path": model}}, {"model.name_or_path": f"--model {model}"}, user_set=True))
     return build_config(layers)
 
 

@@ -346,22 +346,44 @@ def load_records(report: ValidationReport, *, lam: float, group_size: int, max_l
     )
 
 
-def split_train_dev(ds, fraction: float, seed: int):
-    """Carve a dev split from the training queries: a record goes to dev when a seeded hash of its
-    query text falls under ``fraction``, so the split is deterministic and query-disjoint."""
+def _seeded_fraction(seed: int, text: str) -> float:
+    return int(hashlib.sha256(f"{seed}\0{text}".encode()).hexdigest()[:12], 16) / float(1 << 48)
+
+
+def split_train_dev(ds, fraction: float, seed: int, by: str = "queries"):
+    """Carve a dev split from the training records, deterministically (seeded hashes).
+
+    ``by="queries"``: a record goes to dev when the hash of its query falls under ``fraction``
+    (query-disjoint; a dev query's positive may be another training query's positive).
+    ``by="documents"``: a positive passage is a dev document when its hash falls under
+    ``fraction``; records whose positives are all dev documents form the dev split, records with
+    none of them train, and the few with both are left out (counted in the log), so no dev
+    positive is ever a training positive — the dev metric then predicts a test set of unseen
+    documents instead of rewarding memorised ones.
+    """
+    if by not in ("queries", "documents"):
+        raise ValueError(f"dev split must be by 'queries' or 'documents', got {by!r}")
     if fraction <= 0:
         return ds, ds.select([])
-
-    def is_dev(query: str) -> bool:
-        h = int(hashlib.sha256(f"{seed}\0{query}".encode()).hexdigest()[:12], 16)
-        return h / float(1 << 48) < fraction
-
-    flags = [is_dev(q) for q in ds["query"]]
-    dev_idx = [i for i, f in enumerate(flags) if f]
-    train_idx = [i for i, f in enumerate(flags) if not f]
+    if by == "queries":
+        flags = [_seeded_fraction(seed, q) < fraction for q in ds["query"]]
+        dev_idx = [i for i, f in enumerate(flags) if f]
+        train_idx = [i for i, f in enumerate(flags) if not f]
+    else:
+        dev_idx, train_idx, mixed = [], [], 0
+        for i, pos in enumerate(ds["pos"]):
+            dev = [_seeded_fraction(seed, p) < fraction for p in pos]
+            if all(dev):
+                dev_idx.append(i)
+            elif not any(dev):
+                train_idx.append(i)
+            else:
+                mixed += 1
+        if mixed:
+            log.info("document-disjoint dev split: %d record(s) with positives on both sides left out", mixed)
     if not train_idx or not dev_idx:
-        raise DataError(f"data.dev_fraction = {fraction} leaves an empty {'train' if not train_idx else 'dev'} split "
-                        f"({len(ds)} records)")
+        raise DataError(f"data.dev_fraction = {fraction} (data.dev_split = {by}) leaves an empty "
+                        f"{'train' if not train_idx else 'dev'} split ({len(ds)} records)")
     return ds.select(train_idx), ds.select(dev_idx)
 
 
@@ -471,17 +493,30 @@ class Bucketed:
 class Collator:
     """Tokenizes a list of groups into query, passage and negative-query batches.
 
-    ``bucket_size`` > 0 returns :class:`Bucketed` batches (length-sorted sub-batches of that many
-    texts); 0 returns plain padded ``input_ids``/``attention_mask`` dicts.
+    Queries and negative queries get ``query_prefix`` and ``query_max_len``, passages
+    ``passage_prefix`` and ``passage_max_len`` — the model's own settings, as in evaluation
+    (:meth:`for_embedder`). ``bucket_size`` > 0 returns :class:`Bucketed` batches (length-sorted
+    sub-batches of that many texts); 0 returns plain padded ``input_ids``/``attention_mask`` dicts.
     """
 
-    def __init__(self, tokenizer, query_max_len: int, passage_max_len: int, bucket_size: int = 0):
+    def __init__(self, tokenizer, query_max_len: int, passage_max_len: int, bucket_size: int = 0, *,
+                 query_prefix: str = "", passage_prefix: str = ""):
         self.tokenizer = tokenizer
         self.query_max_len = query_max_len
         self.passage_max_len = passage_max_len
         self.bucket_size = bucket_size
+        self.query_prefix = query_prefix
+        self.passage_prefix = passage_prefix
 
-    def _tok(self, texts: list[str], max_len: int):
+    @classmethod
+    def for_embedder(cls, embedder, bucket_size: int = 0) -> Collator:
+        s = embedder.settings
+        return cls(embedder.tokenizer, s.query_max_len, s.passage_max_len, bucket_size,
+                   query_prefix=s.query_prefix, passage_prefix=s.passage_prefix)
+
+    def _tok(self, texts: list[str], max_len: int, prefix: str = ""):
+        if prefix:
+            texts = [prefix + t for t in texts]
         if not self.bucket_size:
             return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_len,
                                        return_tensors="pt", return_token_type_ids=False))
@@ -500,12 +535,12 @@ class Collator:
 
     def __call__(self, groups: list[Group]) -> dict[str, Any]:
         batch = {
-            "query": self._tok([g.query for g in groups], self.query_max_len),
-            "passage": self._tok([p for g in groups for p in g.passages], self.passage_max_len),
+            "query": self._tok([g.query for g in groups], self.query_max_len, self.query_prefix),
+            "passage": self._tok([p for g in groups for p in g.passages], self.passage_max_len, self.passage_prefix),
             "group_size": len(groups[0].passages),
         }
         neg_q = [q for g in groups for q in g.neg_queries]
-        batch["neg_query"] = self._tok(neg_q, self.query_max_len) if neg_q else None
+        batch["neg_query"] = self._tok(neg_q, self.query_max_len, self.query_prefix) if neg_q else None
         return batch
 
 

@@ -102,15 +102,16 @@ def _read_jsonl(path: Path, what: str, text_fields: tuple[str, ...]) -> dict[str
     return rows
 
 
-def load_beir(data_dir: str | os.PathLike, split: str = "test") -> RetrievalSet:
-    """Load a BEIR-layout folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``.
+def load_beir(data_dir: str | os.PathLike, split: str = "test", *, miracl_root: Optional[str] = None) -> RetrievalSet:
+    """Load a BEIR-layout folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``; or
+    ``miracl://<lang>`` (MIRACL's published files under ``miracl_root``, see :mod:`clp_ray.miracl`).
 
     Only queries with judgements in the split are kept. Qrels naming unknown query or document
     ids are an error (with counts), as is an empty query set.
     """
     spec = str(data_dir)
     if spec.startswith("miracl://"):
-        return load_miracl(spec.removeprefix("miracl://"), split)
+        return load_miracl(spec.removeprefix("miracl://"), split, root=miracl_root)
     root = Path(resolve_path(spec))
     if not root.is_dir():
         raise DataError(f"{root}: evaluation data folder not found")
@@ -181,25 +182,12 @@ def load_beir_files(corpus_file: str | os.PathLike, queries_file: str | os.PathL
     return RetrievalSet(corpus=corpus, queries=queries, qrels=qrels, name=name or qrels_file.stem)
 
 
-def load_miracl(lang: str, split: str = "dev") -> RetrievalSet:
-    """MIRACL through Hugging Face ``datasets`` (``miracl/miracl`` topics + qrels and
-    ``miracl/miracl-corpus``). Needs the hub; fails with a clear message when it is unreachable."""
-    try:
-        from datasets import load_dataset
+def load_miracl(lang: str, split: str = "dev", *, root: Optional[str] = None) -> RetrievalSet:
+    """MIRACL ``lang``/``split`` from its published files (the hub by default; ``root``: a folder
+    or fsspec URL with the same layout). Fails with a clear message when it cannot be reached."""
+    from clp_ray import miracl
 
-        topics = load_dataset("miracl/miracl", lang, split=split, trust_remote_code=True)
-        corpus_ds = load_dataset("miracl/miracl-corpus", lang, split="train", trust_remote_code=True)
-    except Exception as e:  # network, auth or missing-config errors all mean "cannot load"
-        raise DataError(f"cannot load MIRACL {lang!r} split {split!r} from the Hugging Face hub: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    corpus = {r["docid"]: f"{r['title']} {r['text']}".strip() for r in corpus_ds}
-    queries, qrels = {}, {}
-    for r in topics:
-        qid = str(r["query_id"])
-        queries[qid] = r["query"]
-        qrels[qid] = {p["docid"]: 1 for p in r["positive_passages"]}
-        qrels[qid].update({p["docid"]: 0 for p in r["negative_passages"]})
-    return RetrievalSet(corpus=corpus, queries=queries, qrels=qrels, name=f"miracl-{lang}/{split}")
+    return miracl.load(lang, split, root or miracl.HUB_ROOT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,10 +265,10 @@ def evaluate(
     qids = list(data.queries)
     if not qids:
         raise DataError(f"{data.name}: no queries to evaluate")
-    d = embedder.encode([data.corpus[i] for i in doc_ids], batch_size=batch_size,
-                        max_length=embedder.passage_max_len, show_progress=show_progress, desc="encode corpus")
-    q = embedder.encode([data.queries[i] for i in qids], batch_size=batch_size,
-                        max_length=embedder.query_max_len, show_progress=show_progress, desc="encode queries")
+    d = embedder.encode([data.corpus[i] for i in doc_ids], batch_size=batch_size, kind="passage",
+                        show_progress=show_progress, desc="encode corpus")
+    q = embedder.encode([data.queries[i] for i in qids], batch_size=batch_size, kind="query",
+                        show_progress=show_progress, desc="encode queries")
     scores, idx = exact_search(q, d, top_k, chunk_size=chunk_size)
     run = {qid: {doc_ids[j]: float(s) for s, j in zip(srow.tolist(), irow.tolist())}
            for qid, srow, irow in zip(qids, scores, idx)}
@@ -288,6 +276,23 @@ def evaluate(
     if run_file:
         write_trec_run(run_file, run)
     return EvalResult(means, per_query, run, num_queries=len(qids), num_docs=len(doc_ids))
+
+
+def save_result(res: EvalResult, path: str | os.PathLike) -> Path:
+    """Metrics and per-query scores (not the run) as JSON, atomically."""
+    from clp_ray.atomic import write_json
+
+    return write_json(path, {"metrics": res.metrics, "per_query": res.per_query, "num_queries": res.num_queries,
+                             "num_docs": res.num_docs})
+
+
+def load_result(path: str | os.PathLike) -> Optional[EvalResult]:
+    """A result :func:`save_result` wrote, or None when there is none (or it is unreadable)."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        return EvalResult(d["metrics"], d["per_query"], num_queries=d["num_queries"], num_docs=d["num_docs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass

@@ -56,9 +56,18 @@ def select_negatives(
     scores: list[float], doc_ids: list[str], positives: dict[str, int], pos_score: float, cfg: MiningConfig,
     rng: random.Random,
 ) -> tuple[list[str], int]:
-    """Negatives for one query from its ranked list (best first). Returns (negatives, guarded count)."""
+    """Negatives for one query from its ranked list (best first). Returns (negatives, guarded count).
+
+    A candidate scoring at or above ``limit`` is a likely false negative and skipped. Relative mode
+    measures the margin on the positive's magnitude, ``limit = pos - |pos| * (1 - margin)``: for a
+    positive score that is ``margin * pos``, and for a negative one it stays below the positive too
+    (``margin * pos`` would lie *above* it and let better-scoring candidates through).
+    """
     lo, hi = cfg.rank_window
-    limit = pos_score * cfg.margin if cfg.margin_mode == "relative" else pos_score - cfg.margin
+    if cfg.margin_mode == "relative":
+        limit = pos_score - abs(pos_score) * (1 - cfg.margin)
+    else:
+        limit = pos_score - cfg.margin
     guarded = 0
     candidates = []
     for rank, (doc, score) in enumerate(zip(doc_ids, scores), 1):
@@ -225,18 +234,19 @@ def write_records(records: list[dict], out: str | os.PathLike, stats: Optional[M
 class _EncodeActor:
     """Loads the model once per actor and embeds batches of texts."""
 
-    def __init__(self, model_ref: str, max_length: int, batch_size: int, model_cfg=None, tracking_uri=None):
+    def __init__(self, model_ref: str, kind: str, batch_size: int, model_cfg=None, tracking_uri=None):
         from clp_ray.modeling import load_model_ref
 
-        # The driver's model settings (``tiny`` sizes) and MLflow store: the same model as the driver's.
+        # The driver's model settings (explicit ones, ``tiny`` sizes) and MLflow store: the same
+        # model, embedding the same way, as the driver's.
         self.embedder = load_model_ref(model_ref, model_cfg, tracking_uri=tracking_uri)
         if torch.cuda.is_available():
             self.embedder.to("cuda")
-        self.max_length = max_length
+        self.kind = kind
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
-        vecs = self.embedder.encode(list(batch["text"]), batch_size=self.batch_size, max_length=self.max_length)
+        vecs = self.embedder.encode(list(batch["text"]), batch_size=self.batch_size, kind=self.kind)
         return {"i": batch["i"], "vec": vecs.numpy()}
 
 
@@ -270,15 +280,15 @@ def _collect(ds, n: int, fields: tuple[str, ...]) -> dict:
     return out
 
 
-def encode_with_ray_data(model_ref: str, texts: list[str], *, max_length: int, batch_size: int = 64,
+def encode_with_ray_data(model_ref: str, texts: list[str], *, kind: str, batch_size: int = 64,
                          concurrency: int = 2, use_gpu: bool = False, model_cfg=None,
                          tracking_uri: Optional[str] = None) -> torch.Tensor:
-    """Embed ``texts`` with a pool of ``concurrency`` actors spread over the Ray cluster; rows
-    come back in input order."""
+    """Embed ``texts`` as ``kind`` (``query``/``passage``: its prefix and max length) with a pool of
+    ``concurrency`` actors spread over the Ray cluster; rows come back in input order."""
     import ray.data
 
     ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)])
-    out = ds.map_batches(_EncodeActor, fn_constructor_kwargs={"model_ref": model_ref, "max_length": max_length,
+    out = ds.map_batches(_EncodeActor, fn_constructor_kwargs={"model_ref": model_ref, "kind": kind,
                                                               "batch_size": batch_size, "model_cfg": model_cfg,
                                                               "tracking_uri": tracking_uri},
                          batch_size=batch_size * 4, batch_format="numpy", concurrency=concurrency,

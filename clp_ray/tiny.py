@@ -18,12 +18,16 @@ from pathlib import Path
 
 from clp_ray.atomic import atomic_path
 from clp_ray.config import ASSETS_DIR, TinyModelConfig
+from clp_ray.model_settings import META_FILE
 
 log = logging.getLogger(__name__)
 
 TEXT_FILE = ASSETS_DIR / "ko_help" / "corpus.jsonl"
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R ids 0..3, mask last
-_FORMAT = 1  # bump when the build below changes
+_FORMAT = 2  # bump when the build below changes
+# How the tiny model embeds, written into its folder (clp_ray.json) so it describes itself
+# wherever it is loaded: a random encoder has no trained CLS token, and mean pooling learns fast.
+SETTINGS = {"pooling": "mean", "normalize": True, "query_max_len": 32, "passage_max_len": 128}
 
 
 def cache_root() -> Path:
@@ -92,3 +96,4 @@ def _build(spec: TinyModelConfig, out: Path) -> None:
         torch.manual_seed(spec.seed)
         model = XLMRobertaModel(config, add_pooling_layer=False)
     model.save_pretrained(out)
+    (out / META_FILE).write_text(json.dumps({"format": 2, **SETTINGS, "moe": None}, indent=2) + "\n")

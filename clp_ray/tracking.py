@@ -207,6 +207,9 @@ def git_commit() -> str:
 
 
 PREDICT_BATCH_SIZE = 32  # texts per forward pass unless predict gets params={"batch_size": N}
+# What the texts are unless predict gets params={"kind": "passage"}: it picks the model's prefix
+# (E5's "query: " / "passage: ") and max length. Queries are what a serving endpoint embeds most.
+PREDICT_KIND = "query"
 
 
 class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
@@ -227,8 +230,12 @@ class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         texts = _as_text_list(model_input)
-        batch_size = int((params or {}).get("batch_size", PREDICT_BATCH_SIZE))
-        return self.embedder.encode(texts, batch_size=batch_size).numpy().astype("float32")
+        params = params or {}
+        batch_size = int(params.get("batch_size", PREDICT_BATCH_SIZE))
+        kind = params.get("kind", PREDICT_KIND)
+        if kind not in ("query", "passage"):
+            raise ValueError(f"params['kind'] must be 'query' or 'passage', got {kind!r}")
+        return self.embedder.encode(texts, batch_size=batch_size, kind=kind).numpy().astype("float32")
 
 
 def _as_text_list(model_input) -> list[str]:
@@ -255,7 +262,8 @@ def log_embedder_model(tracker: Tracker, model_dir: str | os.PathLike, *, regist
 
     # Without a params schema MLflow drops `params` at predict time (with only a warning). No input
     # schema: MLflow would turn the list of texts into a DataFrame; _as_text_list checks it.
-    signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("batch_size", DataType.long, PREDICT_BATCH_SIZE)]))
+    signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("batch_size", DataType.long, PREDICT_BATCH_SIZE),
+                                                                ParamSpec("kind", DataType.string, PREDICT_KIND)]))
     mlflow.set_tracking_uri(tracker.uri)
     with mlflow.start_run(run_id=tracker.run_id), warnings.catch_warnings():
         # MLflow warns when no input example is given, but one would make it load and run the
@@ -283,16 +291,23 @@ class Promotion:
 
 def promote_if_better(uri: str, name: str, version: str, *, metric_tag: str = "test_ndcg_at_10",
                       eval_hash_tag: str = "eval_set_hash", alias: str = "champion",
-                      rescore: Optional[Callable[[str], float]] = None) -> Promotion:
-    """Move ``alias`` to ``version`` only if its test metric beats the current champion's on the
-    same evaluation set. A champion scored on another set is re-scored with ``rescore(model_uri)``
-    when given; otherwise the version stays unpromoted. The reason goes into a version tag."""
+                      rescore: Optional[Callable[[str], float]] = None,
+                      base_score: Optional[float] = None) -> Promotion:
+    """Move ``alias`` to ``version`` only if its test metric beats the base model's
+    (``base_score``, the untrained model on the same test set; the first version included) and the
+    current champion's on the same evaluation set. A champion scored on another set is re-scored
+    with ``rescore(model_uri)`` when given; otherwise the version stays unpromoted. The reason goes
+    into a version tag."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(uri)
     new = client.get_model_version(name, version)
     new_score = float(new.tags[metric_tag])
+    if base_score is not None and not new_score > base_score:
+        reason = f"not promoted: {metric_tag} {new_score:.4f} does not beat the base model's {base_score:.4f}"
+        client.set_model_version_tag(name, version, "clp_ray.not_promoted_reason", reason)
+        return Promotion(False, reason, version)
     try:
         champ = client.get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -322,16 +337,28 @@ def promote_if_better(uri: str, name: str, version: str, *, metric_tag: str = "t
     return Promotion(False, reason, version, champ.version)
 
 
-def load_registered_embedder(uri: str, tracking_uri: Optional[str] = None):
-    """The Embedder behind an MLflow model URI (``models:/name@alias``, ``models:/name/3``, ``runs:/...``)
-    in the store ``tracking_uri`` (jobs pass the config's, :func:`tracking_uri`; None: MLflow's own default)."""
+def registered_model_folder(uri: str, tracking_uri: Optional[str] = None) -> str:
+    """The Embedder folder inside an MLflow model (``models:/name@alias``, ``models:/name/3``,
+    ``runs:/...``) of the store ``tracking_uri`` (jobs pass the config's, :func:`tracking_uri`; None:
+    MLflow's own default), downloaded to a local folder."""
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
     except (MlflowException, OSError) as e:
         raise ClpRayError(f"cannot load {uri} from MLflow at {mlflow.get_tracking_uri()}: {str(e).splitlines()[0]}") from None
-    return model.unwrap_python_model().embedder
+    if "embedder" not in artifacts:
+        raise ClpRayError(f"{uri} is not a clp-ray embedding model (its pyfunc has no 'embedder' artifact)")
+    return str(local / artifacts["embedder"]["path"])
+
+
+def load_registered_embedder(uri: str, tracking_uri: Optional[str] = None):
+    """The Embedder behind an MLflow model URI, loaded from its folder with the folder's settings."""
+    from clp_ray.modeling import Embedder
+
+    return Embedder.from_pretrained(registered_model_folder(uri, tracking_uri))

@@ -298,9 +298,9 @@ def train_worker(config: dict) -> None:
 
     records = load_records(_Report(config["data_files"], config["data_hash"]), lam=cfg.loss.lam,
                            group_size=d_cfg.train_group_size, max_line_bytes=d_cfg.max_line_bytes)
-    train_ds, dev_ds = split_train_dev(records, d_cfg.dev_fraction, d_cfg.seed)
+    train_ds, dev_ds = split_train_dev(records, d_cfg.dev_fraction, d_cfg.seed, by=d_cfg.dev_split)
     dev_set = dev_retrieval_set(dev_ds) if len(dev_ds) else None
-    collate = Collator(embedder.tokenizer, cfg.model.query_max_len, cfg.model.passage_max_len, d_cfg.length_bucket_size)
+    collate = Collator.for_embedder(embedder, d_cfg.length_bucket_size)  # the model's prefixes and lengths
 
     micro_per_epoch = steps_per_epoch(len(train_ds), world, t_cfg.per_device_batch_size)
     accum = t_cfg.gradient_accumulation_steps
@@ -316,7 +316,10 @@ def train_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=CKPT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+            # Checkpoints hold the trained parameters only: the frozen ones are the model's own,
+            # already loaded from the same source (the run name pins the config, hence the source).
+            engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=False, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
             state = json.loads((Path(d) / STATE_FILE).read_text())
             _set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=False))
     state["attempt"] += 1
@@ -345,7 +348,9 @@ def train_worker(config: dict) -> None:
 
     def save_and_report(metrics: dict, final: bool) -> None:
         with tempfile.TemporaryDirectory(prefix="clp-ckpt-") as tmp:
-            engine.save_checkpoint(tmp, tag=CKPT_TAG)
+            # Without the frozen parameters (with train_only=moe, 99% of the model: the E5 local
+            # profile's checkpoint shrinks from 470 MB to 5 MB, written and copied every eval period).
+            engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=True)
             torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
             if rank == 0:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
@@ -447,6 +452,12 @@ class PreparedRun:
     data_hash: str
     data_report: dict
     extra: dict = field(default_factory=dict)
+    # How the model embeds, resolved on the driver: {"settings": {...}, "sources": {...}}.
+    model_settings: dict = field(default_factory=dict)
+
+    def settings_params(self) -> dict[str, Any]:
+        """The resolved model settings as MLflow params (``model_settings.pooling = mean``, ...)."""
+        return {f"model_settings.{k}": v for k, v in self.model_settings.get("settings", {}).items()}
 
     @property
     def run_dir(self) -> str:
@@ -501,17 +512,30 @@ def check_resources(cfg: ExperimentConfig) -> None:
 
 
 def resolve_model_path(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with ``model.name_or_path`` made absolute when it names a local folder, checked on the
-    driver (see :func:`clp_ray.modeling.absolute_model_ref`: the workers run elsewhere)."""
-    from clp_ray.modeling import absolute_model_ref
+    """``cfg`` with ``model.name_or_path`` decided once, on the driver: a local folder made
+    absolute (the workers run elsewhere), a hub id the hub cannot serve replaced by its offline
+    rebuild (:func:`clp_ray.modeling.resolve_source`); ``tiny`` stays symbolic (every worker builds
+    the same seeded model)."""
+    from clp_ray.modeling import resolve_source
 
+    if cfg.model.name_or_path == "tiny":
+        return cfg
     try:
-        ref = absolute_model_ref(cfg.model.name_or_path)
+        ref = resolve_source(cfg.model.name_or_path)
     except ClpRayError as e:
         raise ConfigError(f"{cfg.cite('model.name_or_path')}: {e}") from None
     if ref == cfg.model.name_or_path:
         return cfg
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": ref})})
+
+
+def model_settings(cfg: ExperimentConfig):
+    """How the config's model embeds (:class:`~clp_ray.model_settings.ResolvedSettings`), read on
+    the driver from the same folder files the workers read, to log and record before training."""
+    from clp_ray.model_settings import resolve
+    from clp_ray.modeling import resolve_source, settings_folder
+
+    return resolve(settings_folder(resolve_source(cfg.model.name_or_path, cfg.model.tiny)), cfg.model.explicit_settings())
 
 
 def check_moe_layers(cfg: ExperimentConfig, num_layers: Optional[int] = None) -> None:
@@ -562,11 +586,14 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[str] = None) -> PreparedRun
     log.info("training data: %d good records (%d rejected), content hash %s", report.good, report.bad, report.content_hash)
     # Build the Arrow cache once on the driver; workers on this machine reuse it.
     records = load_records(report, lam=cfg.loss.lam, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
-    train_ds, _ = split_train_dev(records, cfg.data.dev_fraction, cfg.data.seed)
+    train_ds, _ = split_train_dev(records, cfg.data.dev_fraction, cfg.data.seed, by=cfg.data.dev_split)
     if len(train_ds) < cfg.ray.num_workers:
         raise ClpRayError(f"only {len(train_ds)} training records (after the dev split) for {cfg.ray.num_workers} workers")
+    resolved = model_settings(cfg)
+    log.info("model %s embeds with %s", cfg.model.name_or_path, resolved.describe())
     return PreparedRun(cfg, name, storage_path(cfg), ds_config, report.files, report.content_hash, report.to_dict(),
-                       extra={"train_records": len(train_ds)})
+                       extra={"train_records": len(train_ds)},
+                       model_settings={"settings": resolved.settings.to_dict(), "sources": resolved.sources})
 
 
 @dataclass
@@ -641,9 +668,10 @@ def open_tracking(prep: PreparedRun):
     cfg = prep.cfg
 
     def on_start(tracker) -> None:
-        tracker.log_params(cfg.flat())
+        tracker.log_params({**cfg.flat(), **prep.settings_params()})
         tracker.log_text(cfg.to_yaml(), "config.yaml")
         tracker.log_text(json.dumps(prep.data_report, indent=2), "data_report.json")
+        tracker.log_text(json.dumps(prep.model_settings, indent=2), "model_settings.json")
 
     return resume_or_start_run(cfg, Path(cfg.train.output_dir).resolve() / prep.name / "mlflow_run_id", prep.name,
                                tags={"clp_ray.data_hash": prep.data_hash, "clp_ray.kind": "train"}, on_start=on_start)

@@ -34,16 +34,19 @@ def main(args) -> dict:
     if not data_dir:
         raise ClpRayError("no evaluation data: pass --data DIR or set eval.data_dir")
     split = args.split or cfg.eval.test_split
-    data = load_beir(data_dir, split)
+    data = load_beir(data_dir, split, miracl_root=cfg.eval.miracl_root)
     log.info("evaluation set %s: %d queries, %d documents (hash %s)", data.name, len(data.queries), len(data.corpus),
              data.content_hash())
     models = args.compare or [args.model or cfg.model.name_or_path]
-    results = {}
+    results, settings = {}, {}
     for ref in models:
         if ref in results:
             raise ClpRayError(f"--compare needs two different models, got {ref!r} twice")
+        # A model named here gets its own folder's settings; only --set values overrule them.
+        model_cfg = config_from_args(args, model=ref).model
         # models:/ references resolve in the config's MLflow store, as the tune job registered them.
-        embedder = load_model_ref(ref, cfg.model, tracking_uri=tracking_uri(cfg))
+        embedder = load_model_ref(ref, model_cfg, tracking_uri=tracking_uri(cfg))
+        settings[ref] = {"settings": embedder.settings.to_dict(), "sources": embedder.settings_sources}
         run_file = args.run_file if len(models) == 1 else None
         results[ref] = evaluate(embedder, data, batch_size=cfg.eval.batch_size, chunk_size=cfg.eval.chunk_size,
                                 top_k=cfg.eval.top_k, run_file=run_file, show_progress=True)
@@ -52,7 +55,7 @@ def main(args) -> dict:
     for ref, res in results.items():
         print(f"{ref:<{width}}  " + "  ".join(f"{v:>10.4f}" for v in res.metrics.values()))
     summary = {"data": str(data_dir), "split": split, "eval_set_hash": data.content_hash(),
-               "num_queries": len(data.queries), "num_docs": len(data.corpus)}
+               "num_queries": len(data.queries), "num_docs": len(data.corpus), "model_settings": settings}
     if args.compare:
         a, b = models
         c = compare(results[a], results[b], "ndcg@10")

@@ -26,20 +26,22 @@ def main(args) -> dict:
     from clp_ray.errors import ClpRayError
     from clp_ray.evaluation import load_beir, load_beir_files
     from clp_ray.mining import encode_with_ray_data, mine, search_with_ray_data, write_records
-    from clp_ray.modeling import absolute_model_ref, load_model_ref
+    from clp_ray.modeling import load_model_ref, resolve_source
     from clp_ray.tracking import tracking_uri
 
-    cfg = config_from_args(args)
+    # A model named with --model gets its own folder's settings; only --set values overrule them.
+    cfg = config_from_args(args, model=args.model)
     check_writable(args.out, "--out")
     m = cfg.mining
     if args.data:
-        data = load_beir(args.data, args.split)
+        data = load_beir(args.data, args.split, miracl_root=cfg.eval.miracl_root)
     elif args.corpus and args.queries and args.qrels:
         data = load_beir_files(args.corpus, args.queries, args.qrels, name="mining")
     else:
         raise ClpRayError("give --data DIR|miracl://<lang> [--split train], or all of --corpus, --queries and --qrels")
-    # Absolute: the Ray Data actors load the model in another working directory.
-    model_ref = absolute_model_ref(args.model or cfg.model.name_or_path)
+    # Decided once, here (absolute folder, tiny's or the offline rebuild's folder): the Ray Data
+    # actors load the same model in another working directory.
+    model_ref = resolve_source(args.model or cfg.model.name_or_path, cfg.model.tiny)
     store = tracking_uri(cfg)  # where models:/ references resolve
     embedder = load_model_ref(model_ref, cfg.model, tracking_uri=store)  # fails early on a bad model reference
     doc_ids, qids = list(data.corpus), list(data.queries)
@@ -52,13 +54,13 @@ def main(args) -> dict:
         ensure_ray(cfg)
         kw = {"batch_size": cfg.eval.batch_size, "concurrency": m.actors, "use_gpu": cfg.ray.use_gpu,
               "model_cfg": cfg.model, "tracking_uri": store}
-        d_emb = encode_with_ray_data(model_ref, corpus_texts, max_length=embedder.passage_max_len, **kw)
-        q_emb = encode_with_ray_data(model_ref, query_texts, max_length=embedder.query_max_len, **kw)
+        d_emb = encode_with_ray_data(model_ref, corpus_texts, kind="passage", **kw)
+        q_emb = encode_with_ray_data(model_ref, query_texts, kind="query", **kw)
         search = search_with_ray_data(q_emb, d_emb, m.top_k, chunk_size=cfg.eval.chunk_size, concurrency=m.actors)
     else:
-        d_emb = embedder.encode(corpus_texts, batch_size=cfg.eval.batch_size, max_length=embedder.passage_max_len,
+        d_emb = embedder.encode(corpus_texts, batch_size=cfg.eval.batch_size, kind="passage",
                                 show_progress=True, desc="encode corpus")
-        q_emb = embedder.encode(query_texts, batch_size=cfg.eval.batch_size, max_length=embedder.query_max_len,
+        q_emb = embedder.encode(query_texts, batch_size=cfg.eval.batch_size, kind="query",
                                 show_progress=True, desc="encode queries")
     records, stats = mine(q_emb, d_emb, qids, doc_ids, data.queries, data.corpus, data.qrels, m,
                           chunk_size=cfg.eval.chunk_size, show_progress=True, search=search)

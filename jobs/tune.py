@@ -31,7 +31,12 @@ def main(args) -> dict:
           f"{counts['errored']} errored)")
     print(f"best trial {out.best.trial_id}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in out.best.params.items()))
-    print(f"  dev nDCG@10 {out.best.dev_metric:.4f}   test: " + "  ".join(f"{k} {v:.4f}" for k, v in out.test_metrics.items()))
+    print(f"  dev nDCG@10 {out.best.dev_metric:.4f}")
+    print(f"  {'test':<12}" + "  ".join(f"{k:>10}" for k in out.test_metrics))
+    print(f"  {'base model':<12}" + "  ".join(f"{out.base_test_metrics[k]:>10.4f}" for k in out.test_metrics))
+    print(f"  {'best trial':<12}" + "  ".join(f"{v:>10.4f}" for v in out.test_metrics.values()))
+    print(f"  nDCG@10 {out.test_metrics['ndcg@10'] - out.base_test_metrics['ndcg@10']:+.4f} over the base model "
+          f"(paired t-test p = {out.p_value_vs_base:.3g})")
     print(f"registered {out.registered_name} version {out.version}: {out.promotion.reason}")
     uri = tracking_uri(cfg)
     print("load it with:\n  " + (f"MLFLOW_TRACKING_URI={uri} " if not cfg.tracking.tracking_uri else "")
@@ -44,6 +49,7 @@ def main(args) -> dict:
         "best": {"trial_id": out.best.trial_id, "params": out.best.params, "dev_ndcg@10": out.best.dev_metric,
                  "model_path": out.best.model_path, "moe_layers": out.best_config.moe.layers},
         "test_metrics": out.test_metrics,
+        "base_test_metrics": out.base_test_metrics, "p_value_vs_base": out.p_value_vs_base,
         "registered_model": out.registered_name, "version": out.version,
         "promoted": out.promotion.promoted, "promotion_reason": out.promotion.reason,
         "model_uri": f"models:/{out.registered_name}@champion",

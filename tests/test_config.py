@@ -16,11 +16,13 @@ def cdir(tmp_path):
 
 def test_repo_configs_resolve_for_every_language_and_profile():
     for lang in ("hi", "ko", "fa"):
-        for profile in ("local", "cluster"):
+        for profile in ("local", "tiny", "cluster"):
             cfg = load_config(lang, profile)
             assert isinstance(cfg, ExperimentConfig) and cfg.lang == lang
+    tiny = load_config("hi", "tiny")
+    assert tiny.model.name_or_path == "tiny" and tiny.ray.use_gpu is False
     local = load_config("hi", "local")
-    assert local.model.name_or_path == "tiny" and local.ray.use_gpu is False
+    assert local.model.name_or_path == "intfloat/multilingual-e5-small" and local.data.dev_split == "documents"
     assert load_config("hi", "cluster").model.name_or_path == "BAAI/bge-m3"
 
 
@@ -43,7 +45,7 @@ def test_unknown_key_names_file_line_and_path(cdir):
 
 def test_unknown_key_suggests_a_near_miss_or_lists_the_section():
     with pytest.raises(ConfigError) as e:
-        load_config("hi", "local", ["train.batch_size=3", "moe.router.jiter=0.1", "trian.epochs=1", "loss.nope=1"])
+        load_config("hi", "tiny", ["train.batch_size=3", "moe.router.jiter=0.1", "trian.epochs=1", "loss.nope=1"])
     msg = str(e.value)
     assert "train.batch_size: unknown key (did you mean per_device_batch_size?)" in msg
     assert "moe.router.jiter: unknown key (did you mean jitter?)" in msg  # nested section
@@ -51,7 +53,7 @@ def test_unknown_key_suggests_a_near_miss_or_lists_the_section():
     assert "loss.nope: unknown key; valid keys here: temperature, lam, cross_device_negatives" in msg
     # The sweep always ranks trials by dev nDCG@10: no key pretends otherwise and is silently ignored.
     with pytest.raises(ConfigError, match=r"--set search.metric=dev_mrr@10: search.metric: unknown key"):
-        load_config("hi", "local", ["search.metric=dev_mrr@10"])
+        load_config("hi", "tiny", ["search.metric=dev_mrr@10"])
 
 
 def test_wrong_type_and_out_of_range_name_source(cdir):
@@ -65,22 +67,22 @@ def test_wrong_type_and_out_of_range_name_source(cdir):
 
 def test_set_errors_name_the_override():
     with pytest.raises(ConfigError, match=r"--set loss.temperature=-1: loss.temperature: Input should be greater than 0"):
-        load_config("hi", "local", ["loss.temperature=-1"])
+        load_config("hi", "tiny", ["loss.temperature=-1"])
     with pytest.raises(ConfigError, match=r"--set loss.nope=1: loss.nope: unknown key"):
-        load_config("hi", "local", ["loss.nope=1"])
+        load_config("hi", "tiny", ["loss.nope=1"])
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
-        load_config("hi", "local", ["loss.lam"])
+        load_config("hi", "tiny", ["loss.lam"])
 
 
 def test_cross_field_rule_names_section():
     with pytest.raises(ConfigError, match=r"moe: Value error, top_k \(3\) must be <= num_experts \(2\)"):
-        load_config("hi", "local", ["moe.top_k=3"])
+        load_config("hi", "tiny", ["moe.top_k=3"])
 
 
 def test_unknown_language_lists_known_ones():
     with pytest.raises(ConfigError, match=r"unknown language 'xx'.*known languages: fa, hi, ko"):
-        load_config("xx", "local")
-    with pytest.raises(ConfigError, match=r"unknown profile 'gpu'.*known profiles: cluster, local"):
+        load_config("xx", "tiny")
+    with pytest.raises(ConfigError, match=r"unknown profile 'gpu'.*known profiles: cluster, local, tiny"):
         load_config("hi", "gpu")
     # Files that exist, but outside lang/ and profiles/ (the language would name folders and runs).
     with pytest.raises(ConfigError, match=r"unknown language '\.\./profiles/local'.*known languages: fa, hi, ko"):
@@ -88,7 +90,7 @@ def test_unknown_language_lists_known_ones():
     with pytest.raises(ConfigError, match=r"unknown profile '\.\./lang/hi'"):
         load_config("hi", "../lang/hi")
     with pytest.raises(ConfigError, match=r"--set lang=a/b: lang: String should match pattern"):
-        load_config("hi", "local", ["lang=a/b"])
+        load_config("hi", "tiny", ["lang=a/b"])
 
 
 def test_duplicate_key_is_an_error_not_a_silent_override(cdir):
@@ -124,9 +126,9 @@ def test_cite_gives_value_and_origin_for_later_checks(cdir):
 
 
 def test_resolved_config_round_trips_and_hash_is_stable():
-    cfg = load_config("hi", "local", ["loss.lam=0.2"])
+    cfg = load_config("hi", "tiny", ["loss.lam=0.2"])
     again = ExperimentConfig.model_validate(cfg.to_dict())
     assert again == cfg and again.config_hash() == cfg.config_hash()
-    assert load_config("hi", "local", ["loss.lam=0.3"]).config_hash() != cfg.config_hash()
+    assert load_config("hi", "tiny", ["loss.lam=0.3"]).config_hash() != cfg.config_hash()
     assert cfg.flat()["loss.lam"] == 0.2
     assert Path(default_config_dir(), "base.yaml").exists()

@@ -207,6 +207,25 @@ def test_train_dev_split_is_seeded_and_query_disjoint(tmp_path):
         split_train_dev(ds.select(range(1)), 0.01, seed=3)
 
 
+def test_document_disjoint_dev_split_shares_no_positive_with_training():
+    """The bundled sample's pages have several keywords each: split by query, dev queries reuse
+    training positives (the dev metric rewards memorised pages); split by document, none does."""
+    from clp_ray.config import resolve_path
+
+    report = validate([resolve_path("pkg://ko_help/train.jsonl")], lam=0.1, group_size=2)
+    ds = load_records(report, lam=0.1, group_size=2, max_line_bytes=1_000_000)
+    train_q, dev_q = split_train_dev(ds, 0.2, seed=42, by="queries")
+    assert {p for ps in dev_q["pos"] for p in ps} & {p for ps in train_q["pos"] for p in ps}  # the leak
+    train, dev = split_train_dev(ds, 0.2, seed=42, by="documents")
+    dev_pos = {p for ps in dev["pos"] for p in ps}
+    assert len(dev) >= 40 and not dev_pos & {p for ps in train["pos"] for p in ps}
+    assert len(train) + len(dev) <= len(ds)  # records with positives on both sides are left out
+    again, dev2 = split_train_dev(ds.shuffle(seed=1), 0.2, seed=42, by="documents")
+    assert sorted(dev2["query"]) == sorted(dev["query"]) and len(again) == len(train)
+    with pytest.raises(ValueError, match="dev split must be by 'queries' or 'documents'"):
+        split_train_dev(ds, 0.2, seed=42, by="pages")
+
+
 def test_bundled_sample_is_valid_and_document_disjoint():
     from clp_ray.config import resolve_path
     from clp_ray.evaluation import load_beir

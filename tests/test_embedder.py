@@ -35,6 +35,7 @@ def test_cls_and_mean_pooling_by_hand(tiny_embedder):
     enc = tiny_embedder.tokenize(TEXTS[:3], max_length=32)
     hidden = tiny_embedder.encoder(**enc).last_hidden_state
     m = enc["attention_mask"].unsqueeze(-1).float()
+    tiny_embedder.pooling = "cls"
     torch.testing.assert_close(tiny_embedder(**enc), F.normalize(hidden[:, 0], dim=-1))
     tiny_embedder.pooling = "mean"
     torch.testing.assert_close(tiny_embedder(**enc), F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1))
@@ -110,3 +111,57 @@ def test_absolute_model_ref(tiny_path, tmp_path, monkeypatch):
         absolute_model_ref("./missing")
     with pytest.raises(ClpRayError, match="empty is not a model folder: it has no config.json"):
         absolute_model_ref("empty")
+
+
+def test_module_level_upcycle_is_saved_and_restored(tiny_embedder, tmp_path):
+    """An encoder upcycled behind the Embedder's back (clp_ray.moe.upcycle) saves its MoE layout:
+    it used to write moe: null, and the reload got a freshly random FFN Linear."""
+    from clp_ray.moe import moe_layers, upcycle
+
+    upcycle(tiny_embedder.encoder, [-1], num_experts=2, top_k=1, balance_coef=0.02)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, m in moe_layers(tiny_embedder.encoder):
+            for ex in m.experts:
+                ex.weight.add_(torch.randn_like(ex.weight) * 0.1)
+    before = tiny_embedder.encode(TEXTS)
+    tiny_embedder.save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "clp_ray.json").read_text())
+    assert meta["moe"]["layers"] == [3] and meta["moe"]["num_experts"] == 2 and meta["moe"]["balance_coef"] == 0.02
+    loaded = Embedder.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(loaded.encode(TEXTS), before, rtol=0, atol=1e-6)
+
+
+def test_weights_that_do_not_match_the_model_fail_naming_them(tiny_embedder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from clp_ray.errors import ClpRayError
+    from clp_ray.moe import upcycle
+
+    dense = tiny_embedder.save_pretrained(tmp_path / "dense")
+    weights = dense / "model.safetensors"
+    state = load_file(str(weights))
+    del state["encoder.layer.0.intermediate.dense.weight"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ClpRayError, match=r"1 missing \(encoder\.layer\.0\.intermediate\.dense\.weight\).*at random"):
+        Embedder.from_pretrained(dense)
+    # MoE weights under a clp_ray.json that describes no MoE layers (what the old save wrote).
+    upcycle(tiny_embedder.encoder, [-1], num_experts=2)
+    moe = tiny_embedder.save_pretrained(tmp_path / "moe")
+    meta = json.loads((moe / "clp_ray.json").read_text())
+    (moe / "clp_ray.json").write_text(json.dumps({**meta, "moe": None}))
+    with pytest.raises(ClpRayError, match=r"unexpected \(encoder\.layer\.3\.intermediate\.dense\.experts.*describes none"):
+        Embedder.from_pretrained(moe)
+
+
+def test_prefixes_and_kind_lengths_in_encode(tiny_embedder):
+    tiny_embedder.query_prefix, tiny_embedder.passage_prefix = "query: ", "passage: "
+    tiny_embedder.query_max_len = 8
+    q = tiny_embedder.encode(TEXTS, kind="query")
+    p = tiny_embedder.encode(TEXTS, kind="passage")
+    plain = tiny_embedder.encode(["query: " + t for t in TEXTS], max_length=8)
+    torch.testing.assert_close(q, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(p, tiny_embedder.encode(["passage: " + t for t in TEXTS]), rtol=0, atol=1e-6)
+    assert not torch.allclose(q, tiny_embedder.encode(TEXTS, max_length=8), atol=1e-3)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        tiny_embedder.encode(TEXTS, kind="document")

@@ -218,8 +218,7 @@ def training_batch(embedder, cfg, n=8):
     with open(resolve_path(cfg.data.train_paths[0]), encoding="utf-8") as f:
         records = [normalize_record(json.loads(line)) for _, line in zip(range(n), f)]
     groups = [sample_group(r, cfg.data.train_group_size, seed=0, epoch=0, index=i) for i, r in enumerate(records)]
-    collate = Collator(embedder.tokenizer, cfg.model.query_max_len, cfg.model.passage_max_len, cfg.data.length_bucket_size)
-    return collate(groups)
+    return Collator.for_embedder(embedder, cfg.data.length_bucket_size)(groups)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -234,7 +233,7 @@ def test_deepspeed_bf16_engine_trains_only_moe_and_saves_it_on_gpu(stage, nccl_g
     from clp_ray.moe import apply_train_only, moe_layers
     from clp_ray.training import CLPTrainingModule, _save_final_model, _to, build_engine, deepspeed_config
 
-    cfg = load_config("hi", "local", [
+    cfg = load_config("hi", "tiny", [
         f"deepspeed.stage={stage}", "train.precision=bf16", "ray.use_gpu=true", "ray.gpus_per_worker=1",
         "moe.num_experts=4", "moe.train_only=moe", "loss.lam=0.1", "train.learning_rate=1e-2", "train.warmup_ratio=0",
         "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}"])

@@ -32,6 +32,22 @@ def test_window_positives_and_margin_guard():
     assert len(select_negatives(scores, docs, {}, 1.0, few, random.Random(0))[0]) == 2
 
 
+def test_margin_guard_with_negative_scores_never_passes_a_candidate_above_the_positive():
+    """Relative mode used limit = margin x positive: for a negative positive score that limit lies
+    above the positive, so candidates scoring better than the positive got through."""
+    docs = [f"d{i}" for i in range(6)]
+    scores = [-0.10, -0.47, -0.50, -0.52, -0.60, -0.90]  # the positive d2 scores -0.50; d1 scores above it
+    for cfg, kept in (
+        (MiningConfig(top_k=6, rank_window=(1, 6), negatives_per_query=6, margin=0.9), ["d4", "d5"]),  # < -0.55
+        (MiningConfig(top_k=6, rank_window=(1, 6), negatives_per_query=6, margin=0.05, margin_mode="absolute"),
+         ["d4", "d5"]),  # < -0.55
+        (MiningConfig(top_k=6, rank_window=(1, 6), negatives_per_query=6, margin=1.0), ["d3", "d4", "d5"]),  # < -0.50
+    ):
+        negs, guarded = select_negatives(scores, docs, {"d2": 1}, -0.50, cfg, random.Random(0))
+        assert sorted(negs) == kept and guarded == 5 - len(kept), (cfg.margin_mode, cfg.margin)
+        assert all(scores[docs.index(n)] < -0.50 for n in negs)
+
+
 def toy(n_q=12, n_d=30, dim=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     d = F.normalize(torch.randn(n_d, dim, generator=gen), dim=-1)
@@ -137,7 +153,7 @@ def test_mine_job_output_validates_and_trains(tmp_path):
     rows = (assets / "qrels" / "dev.tsv").read_text().splitlines() + (assets / "qrels" / "test.tsv").read_text().splitlines()[1:]
     qrels.write_text("\n".join(rows) + "\n")
     out, summary = tmp_path / "mined.jsonl", tmp_path / "s.json"
-    p = subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "local", "--model", "tiny",
+    p = subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "tiny", "--model", "tiny",
                         "--corpus", str(assets / "corpus.jsonl"), "--queries", str(assets / "queries.jsonl"),
                         "--qrels", str(qrels), "--out", str(out), "--summary", str(summary),
                         "--set", "mining.margin_mode=absolute", "--set", "mining.margin=0"],
@@ -148,7 +164,7 @@ def test_mine_job_output_validates_and_trains(tmp_path):
     check = subprocess.run([sys.executable, "-m", "clp_ray.data", str(out), "--lam", "0.1"], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout[-2000:]
     # The same job with encoding and search as Ray Data batch jobs.
-    p = subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "local", "--model", "tiny",
+    p = subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "tiny", "--model", "tiny",
                         "--corpus", str(assets / "corpus.jsonl"), "--queries", str(assets / "queries.jsonl"),
                         "--qrels", str(qrels), "--out", str(tmp_path / "ray.jsonl"), "--summary", str(tmp_path / "r.json"),
                         "--set", "mining.margin_mode=absolute", "--set", "mining.margin=0", "--set", "mining.engine=ray"],
@@ -156,7 +172,7 @@ def test_mine_job_output_validates_and_trains(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((tmp_path / "r.json").read_text())
     assert abs(r["written"] - s["written"]) <= 0.05 * s["written"]  # equal up to near-tied scores
-    t = subprocess.run([sys.executable, "jobs/train.py", "--lang", "hi", "--profile", "local", "--set", f"data.train_paths=[{out}]",
+    t = subprocess.run([sys.executable, "jobs/train.py", "--lang", "hi", "--profile", "tiny", "--set", f"data.train_paths=[{out}]",
                         "--set", "data.train_group_size=2", "--set", "train.max_steps=2",
                         "--set", f"train.output_dir={tmp_path / 'o'}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
                         "--summary", str(tmp_path / "t.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -184,7 +200,7 @@ def test_ray_data_encoding_and_search_match_local(tiny_path, tmp_path):
     # The actors load what the driver means, not what their own defaults or working folder say:
     # "tiny" with the driver's sizes, and models:/ from the driver's MLflow store (no
     # $MLFLOW_TRACKING_URI here; the workers run in another folder).
-    cfg = load_config("hi", "local", ["model.tiny.seed=7", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    cfg = load_config("hi", "tiny", ["model.tiny.seed=7", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     seeded = Embedder.from_pretrained(tiny_model_path(cfg.model.tiny))
     tracker = start_run(cfg, "sweep")
     try:
@@ -198,12 +214,12 @@ def test_ray_data_encoding_and_search_match_local(tiny_path, tmp_path):
     assert "MLFLOW_TRACKING_URI" not in os.environ
     few = texts[:48]
     local_seeded = seeded.encode(few, batch_size=16, max_length=128)
-    ensure_ray(load_config("hi", "local"))
+    ensure_ray(load_config("hi", "tiny"))
     try:
-        distributed = encode_with_ray_data("tiny", texts, max_length=128, batch_size=32, concurrency=2)
+        distributed = encode_with_ray_data("tiny", texts, kind="passage", batch_size=32, concurrency=2)
         s_ray, i_ray = search_with_ray_data(local[:40], local, 10, chunk_size=64, batch_size=16, concurrency=2)
-        tiny_seeded = encode_with_ray_data("tiny", few, max_length=128, batch_size=16, concurrency=1, model_cfg=cfg.model)
-        registered = encode_with_ray_data(f"models:/clp-ray-hi/{version}", few, max_length=128, batch_size=16,
+        tiny_seeded = encode_with_ray_data("tiny", few, kind="passage", batch_size=16, concurrency=1, model_cfg=cfg.model)
+        registered = encode_with_ray_data(f"models:/clp-ray-hi/{version}", few, kind="passage", batch_size=16,
                                           concurrency=1, tracking_uri=cfg.tracking.tracking_uri)
     finally:
         ray.shutdown()
@@ -220,7 +236,7 @@ def test_mine_job_inputs_and_errors(tmp_path):
     def job(*args, env=None):
         import os
 
-        return subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "local", "--model", "tiny",
+        return subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "tiny", "--model", "tiny",
                                "--out", str(tmp_path / "o.jsonl"), *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=300, env={**os.environ, **(env or {})})
 

@@ -20,7 +20,7 @@ TEXTS = ["셀 보호 해제", "Insert rows above", "차트 데이터 범위"]
 @pytest.fixture()
 def mlflow_cfg(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    return load_config("hi", "local", [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    return load_config("hi", "tiny", [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
 
 
 @pytest.fixture()
@@ -67,6 +67,22 @@ def test_promotion_rule(mlflow_cfg, moe_folder):
     p4b = promote_if_better(uri, "clp-ray-hi", v4)  # no way to re-score: stays unpromoted, says why
     assert not p4b.promoted and "evaluated on another set" in p4b.reason
     assert client.get_model_version_by_alias("clp-ray-hi", "champion").version == v3
+
+
+@pytest.mark.slow
+def test_a_model_that_does_not_beat_the_base_model_is_never_promoted(mlflow_cfg, moe_folder):
+    from mlflow import MlflowClient
+
+    uri = mlflow_cfg.tracking.tracking_uri
+    client = MlflowClient(uri)
+    v1 = register(mlflow_cfg, moe_folder, 0.5)
+    p1 = promote_if_better(uri, "clp-ray-hi", v1, base_score=0.55)  # the first version too
+    assert not p1.promoted and p1.reason == "not promoted: test_ndcg_at_10 0.5000 does not beat the base model's 0.5500"
+    assert client.get_model_version("clp-ray-hi", v1).tags["clp_ray.not_promoted_reason"] == p1.reason
+    assert not client.get_registered_model("clp-ray-hi").aliases
+    v2 = register(mlflow_cfg, moe_folder, 0.6)
+    assert promote_if_better(uri, "clp-ray-hi", v2, base_score=0.55).promoted
+    assert client.get_model_version_by_alias("clp-ray-hi", "champion").version == v2
 
 
 @pytest.mark.slow
@@ -138,7 +154,7 @@ def test_check_tracking_fails_fast_with_the_setting(mlflow_cfg, tmp_path, monkey
         "http://127.0.0.1:9": r"cannot use this MLflow tracking store: MlflowException: API request to http://127.0.0.1:9/",
     }
     for uri, pattern in cases.items():
-        cfg = load_config("hi", "local", [f"tracking.tracking_uri={uri}"])
+        cfg = load_config("hi", "tiny", [f"tracking.tracking_uri={uri}"])
         t = time.monotonic()
         with pytest.raises(ClpRayError, match=rf"^tracking.tracking_uri = {uri} \(--set tracking.tracking_uri={uri}\): {pattern}"):
             check_tracking(cfg)
@@ -146,4 +162,4 @@ def test_check_tracking_fails_fast_with_the_setting(mlflow_cfg, tmp_path, monkey
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the quick settings are restored
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://env")
     with pytest.raises(ClpRayError, match=r"^\$MLFLOW_TRACKING_URI = bogus://env: cannot use"):
-        check_tracking(load_config("hi", "local"))
+        check_tracking(load_config("hi", "tiny"))

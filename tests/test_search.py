@@ -21,7 +21,7 @@ def sample(cfg, n=30, layers=4):
 
 
 def test_space_bounds_and_moe_parameters():
-    cfg = load_config("hi", "local")
+    cfg = load_config("hi", "tiny")
     for p in sample(cfg):
         assert 0 <= p["lam"] <= 0.5 and 0.01 <= p["temperature"] <= 0.1
         assert p["num_experts"] in (2, 4, 8) and p["top_k"] in (1, 2) and 0 <= p["moe_layer"] <= 3
@@ -31,7 +31,7 @@ def test_space_bounds_and_moe_parameters():
 
 
 def test_conditional_space_never_emits_moe_params_when_moe_is_off():
-    cfg = load_config("hi", "local", ["moe.enabled=false", "moe.train_only=all"])
+    cfg = load_config("hi", "tiny", ["moe.enabled=false", "moe.train_only=all"])
     for p in sample(cfg):
         assert not {"num_experts", "top_k", "moe_layer"} & set(p)
         assert apply_params(cfg, p).moe.enabled is False
@@ -39,14 +39,14 @@ def test_conditional_space_never_emits_moe_params_when_moe_is_off():
 
 
 def test_block_mode_keeps_the_block_inside_the_model():
-    cfg = load_config("hi", "local", ["search.layer_mode=block", "search.block_size=2"])
+    cfg = load_config("hi", "tiny", ["search.layer_mode=block", "search.block_size=2"])
     for p in sample(cfg, layers=4):
         layers = apply_params(cfg, p).moe.layers
         assert len(layers) == 2 and layers[0] + 1 == layers[1] and layers[1] <= 3
 
 
 def test_paper_point_is_evaluated_first():
-    cfg = load_config("hi", "local")
+    cfg = load_config("hi", "tiny")
     (point,) = points_to_evaluate(cfg, 4)
     assert point == {"lam": 0.1, "temperature": 0.02, "learning_rate": 1e-3, "num_experts": 2, "top_k": 1, "moe_layer": 3}
     assert apply_params(cfg, point).moe.site == "intermediate"
@@ -55,9 +55,9 @@ def test_paper_point_is_evaluated_first():
 def test_invalid_space_is_a_config_error():
     with pytest.raises(ConfigError, match=r"search.top_k = \[1, 4\] \(--set search.top_k=\[1, 4\]\) has a value above "
                                          r"the smallest of search.num_experts = \[2, 4\] \(--set search.num_experts=\[2, 4\]\)"):
-        check_space(load_config("hi", "local", ["search.num_experts=[2, 4]", "search.top_k=[1, 4]"]), 4)
+        check_space(load_config("hi", "tiny", ["search.num_experts=[2, 4]", "search.top_k=[1, 4]"]), 4)
     with pytest.raises(ConfigError, match="lower bound"):
-        load_config("hi", "local", ["search.lam=[0.5, 0.1]"])
+        load_config("hi", "tiny", ["search.lam=[0.5, 0.1]"])
     # Ranges and choices obey the limits of the settings they feed: they fail when the config loads,
     # not as a traceback (empty choices) or as a sweep whose every trial errors (top_k 0, lr 0).
     bad = {
@@ -70,7 +70,7 @@ def test_invalid_space_is_a_config_error():
     }
     for assignment, message in bad.items():
         with pytest.raises(ConfigError, match=f"--set {re.escape(assignment)}: {re.escape(message)}"):
-            load_config("hi", "local", [assignment])
+            load_config("hi", "tiny", [assignment])
 
 
 @pytest.mark.timeout(300)
@@ -119,3 +119,45 @@ def test_interrupted_tune_run_is_told_apart_from_a_finished_one(tmp_path):
         assert unfinished_trials(f"file://{tmp_path / 'runs' / 'done'}") == []
     finally:
         ray.shutdown()
+
+
+def test_concurrent_trials_must_fit_the_cluster(monkeypatch):
+    """Two 2-worker trials need 2 x (2 + 0.01) CPUs: with 4, the second one only ever waited for
+    its placement group, timed out after 60 s and retried, so the trials ran one after another."""
+    import ray
+
+    from clp_ray.errors import ConfigError
+    from clp_ray.search import check_concurrency, max_concurrent
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    cfg = load_config("hi", "tiny", ["ray.num_cpus=4"])
+    with pytest.raises(ConfigError, match=r"search.max_concurrent_trials = 2 \(configs/profiles/tiny.yaml:\d+\): 2 trials at "
+                                          r"once need 4.02 CPU \(cluster has 4\)"):
+        check_concurrency(cfg)
+    assert max_concurrent(load_config("hi", "tiny", ["search.max_concurrent_trials=null"])) == 1
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 5.0})
+    check_concurrency(cfg)
+    assert max_concurrent(load_config("hi", "tiny", ["search.max_concurrent_trials=null"])) == 2
+    check_concurrency(load_config("hi", "cluster"))  # autoscaling: the cluster grows to fit
+
+
+def test_base_model_test_result_is_cached_per_model_and_set(tmp_path, monkeypatch):
+    import clp_ray.evaluation
+    from clp_ray.evaluation import RetrievalSet
+    from clp_ray.search import base_model_test
+
+    data = RetrievalSet(corpus={"d1": "셀 보호", "d2": "행 삽입", "d3": "차트"}, queries={"q1": "보호", "q2": "삽입"},
+                        qrels={"q1": {"d1": 1}, "q2": {"d2": 1}}, name="toy")
+    cfg = load_config("hi", "tiny", [f"train.output_dir={tmp_path}", "eval.top_k=10"])
+    first = base_model_test(cfg, data)
+    assert set(first.per_query["ndcg@10"]) == {"q1", "q2"}
+
+    def no_evaluation(*a, **k):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(clp_ray.evaluation, "evaluate", no_evaluation)
+    again = base_model_test(cfg, data)
+    assert again.metrics == first.metrics and again.per_query == first.per_query
+    other = RetrievalSet(corpus=data.corpus, queries={"q1": "보호"}, qrels={"q1": {"d1": 1}}, name="toy")
+    with pytest.raises(AssertionError, match="evaluated again"):
+        base_model_test(cfg, other)  # another evaluation set: another entry

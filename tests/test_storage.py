@@ -50,16 +50,16 @@ def test_storage_path_is_absolute_and_checked_before_work(tmp_path, monkeypatch)
 
     monkeypatch.chdir(tmp_path)
     # A relative folder would be another folder in each worker's working directory.
-    assert storage_path(load_config("hi", "local", ["train.storage_path=runs"])) == str(tmp_path / "runs")
-    assert storage_path(load_config("hi", "local", ["train.output_dir=out"])) == str(tmp_path / "out" / "ray_results")
+    assert storage_path(load_config("hi", "tiny", ["train.storage_path=runs"])) == str(tmp_path / "runs")
+    assert storage_path(load_config("hi", "tiny", ["train.output_dir=out"])) == str(tmp_path / "out" / "ray_results")
     uri = "s3://bucket/ray?endpoint_override=http://127.0.0.1:9"
-    assert storage_path(load_config("hi", "local", [f"train.storage_path={uri}"])) == uri
-    check_storage(load_config("hi", "local", ["train.storage_path=runs"]))
-    check_storage(load_config("hi", "local", [f"train.storage_path=file://{tmp_path / 'uri-runs'}"]))
+    assert storage_path(load_config("hi", "tiny", [f"train.storage_path={uri}"])) == uri
+    check_storage(load_config("hi", "tiny", ["train.storage_path=runs"]))
+    check_storage(load_config("hi", "tiny", [f"train.storage_path=file://{tmp_path / 'uri-runs'}"]))
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ClpRayError, match=r"train.storage_path = a-file/runs \(--set train.storage_path=a-file/runs\): "
                                           r"cannot write to .*a-file is a file, not a folder"):
-        check_storage(load_config("hi", "local", ["train.storage_path=a-file/runs"]))
+        check_storage(load_config("hi", "tiny", ["train.storage_path=a-file/runs"]))
     # An S3 endpoint nobody answers on (port 9 refuses): an error naming the setting, no traceback.
     with pytest.raises(ClpRayError, match=r"train.storage_path = s3://bucket/ray\?endpoint_override=.*: cannot reach the run storage: "):
-        check_storage(load_config("hi", "local", [f"train.storage_path={uri}", "ray.num_workers=2"]))
+        check_storage(load_config("hi", "tiny", [f"train.storage_path={uri}", "ray.num_workers=2"]))

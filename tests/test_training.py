@@ -22,13 +22,13 @@ def ray_local():
 
     from clp_ray.training import ensure_ray
 
-    ensure_ray(load_config("hi", "local", ["ray.num_cpus=4"]))
+    ensure_ray(load_config("hi", "tiny", ["ray.num_cpus=4"]))
     yield
     ray.shutdown()
 
 
 def make_cfg(tmp_path, data, *sets):
-    return load_config("hi", "local", [
+    return load_config("hi", "tiny", [
         f"data.train_paths=[{data}]", "data.train_group_size=2", "data.dev_fraction=0.2",
         "train.per_device_batch_size=4", "train.learning_rate=0.01", "train.warmup_ratio=0",
         "train.log_every_steps=1", f"train.output_dir={tmp_path / 'out'}",
@@ -107,7 +107,9 @@ def test_fault_injection_resume_and_rerun(tmp_path, small_data, ray_local, tiny_
     # working directory, so this only works because the driver makes the path absolute.
     shutil.copytree(tiny_path, tmp_path / "base-model")
     monkeypatch.chdir(tmp_path)
-    common = ["train.max_steps=6", "train.eval_every_steps=2", "model.name_or_path=base-model"]
+    # Only the MoE layer trains (the paper's setting): checkpoints hold the trained parameters only,
+    # and a resume takes the frozen ones from the model itself.
+    common = ["train.max_steps=6", "train.eval_every_steps=2", "model.name_or_path=base-model", "moe.train_only=moe"]
     clean = run_training(make_cfg(tmp_path / "clean", small_data, *common))
     assert clean.metrics["step"] == 6 and clean.metrics["attempt"] == 1
 
@@ -132,7 +134,7 @@ def test_fault_injection_resume_and_rerun(tmp_path, small_data, ray_local, tiny_
 
 
 def run_train_job(*args):
-    return subprocess.run([sys.executable, "jobs/train.py", "--lang", "hi", "--profile", "local", *args],
+    return subprocess.run([sys.executable, "jobs/train.py", "--lang", "hi", "--profile", "tiny", *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
@@ -148,7 +150,7 @@ def test_bad_input_fails_before_workers_start(tmp_path):
     p = run_train_job("--set", "moe.layers=[0, 4]")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "RayTrainWorker" not in p.stderr
     assert ("error: moe.layers = [0, 4] (--set moe.layers=[0, 4]): MoE layer index 4 is out of range for an "
-            "encoder with 4 layers (valid: 0..3 or -4..-1); model.name_or_path = tiny (configs/profiles/local.yaml:") in p.stderr
+            "encoder with 4 layers (valid: 0..3 or -4..-1); model.name_or_path = tiny (configs/profiles/tiny.yaml:") in p.stderr
     (tmp_path / "a-file").write_text("")
     p = run_train_job("--set", f"train.output_dir={tmp_path / 'a-file' / 'runs'}")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "Started a local Ray instance" not in p.stderr
@@ -179,7 +181,7 @@ def test_deepspeed_config_fills_auto_values_and_rejects_bad_files(tmp_path):
     from clp_ray.errors import ConfigError
     from clp_ray.training import deepspeed_config
 
-    cfg = load_config("hi", "local", ["train.per_device_batch_size=3", "train.gradient_accumulation_steps=2",
+    cfg = load_config("hi", "tiny", ["train.per_device_batch_size=3", "train.gradient_accumulation_steps=2",
                                       "deepspeed.stage=2", f"deepspeed.config_dir={tmp_path}"])
     (tmp_path / "zero2.json").write_text('{"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",'
                                          ' "zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}')

@@ -22,7 +22,7 @@ def sweep_sets(tmp_path, data, *extra, tracking=True):
             "train.per_device_batch_size=4", "train.epochs=3", f"train.output_dir={tmp_path / 'out'}",
             *([f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"] if tracking else []), "search.num_samples=4",
             "search.max_concurrent_trials=2", "search.asha_reduction_factor=4", "search.learning_rate=[1.0e-6, 3.0e-3]",
-            "train.log_every_steps=1", "ray.num_cpus=4", *extra]
+            "train.log_every_steps=1", "ray.num_cpus=5", *extra]
 
 
 def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypatch):
@@ -39,7 +39,7 @@ def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypat
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # Trials on URI storage (as s3:// on the cluster profile): sweep state, checkpoints and the
     # best model are reached through pyarrow's filesystem, the model copied locally to register it.
-    cfg = load_config("hi", "local", sweep_sets(tmp_path, small_data, f"train.storage_path=file://{tmp_path / 'ray'}",
+    cfg = load_config("hi", "tiny", sweep_sets(tmp_path, small_data, f"train.storage_path=file://{tmp_path / 'ray'}",
                                                 tracking=False))
     ensure_ray(cfg)
     try:
@@ -58,7 +58,9 @@ def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypat
     assert p["num_experts"] in s.num_experts and p["top_k"] in s.top_k and 0 <= p["moe_layer"] <= 3
     assert out.best.dev_metric == max(t.dev_metric for t in out.trials if t.status == "completed")
     assert out.best.model_path.startswith(f"file://{tmp_path / 'ray'}/") and out.best.model_path.endswith("/model")
-    assert set(out.test_metrics) == {"ndcg@10", "ndcg@5", "recall@100", "mrr@10"}
+    assert set(out.test_metrics) == set(out.base_test_metrics) == {"ndcg@10", "ndcg@5", "recall@100", "mrr@10"}
+    assert 0 <= out.p_value_vs_base <= 1 and out.test_metrics["ndcg@10"] > out.base_test_metrics["ndcg@10"]
+    assert len(list((tmp_path / "out" / "base_eval").glob("*.json"))) == 1  # the base model's result, cached
 
     client = MlflowClient(tracking_uri(cfg))
     parent = client.get_run(out.parent_run_id)
@@ -74,9 +76,12 @@ def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypat
     arts = {a.path for a in client.list_artifacts(out.parent_run_id, "plots")}
     assert arts == {"plots/optimization_history.png", "plots/param_importances.png", "plots/dev_metric_per_trial.png"}
     assert parent.data.metrics["test_ndcg_at_10"] == pytest.approx(out.test_metrics["ndcg@10"])
+    assert parent.data.metrics["base_test_ndcg_at_10"] == pytest.approx(out.base_test_metrics["ndcg@10"])
+    assert parent.data.params["model_settings.pooling"] == "mean"  # the tiny model's own folder says so
     mv = client.get_model_version_by_alias("clp-ray-hi", "champion")
     assert mv.version == out.version and mv.tags["trial_id"] == out.best.trial_id
-    for key in ("data_hash", "eval_set_hash", "git_commit", "param.lam", "dev_ndcg_at_10", "test_ndcg_at_10"):
+    for key in ("data_hash", "eval_set_hash", "git_commit", "param.lam", "dev_ndcg_at_10", "test_ndcg_at_10",
+                "base_test_ndcg_at_10", "p_value_vs_base"):
         assert key in mv.tags
 
 
@@ -84,7 +89,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path, s
     from mlflow import MlflowClient
 
     sets = sweep_sets(tmp_path, small_data, "search.num_samples=3", "search.max_concurrent_trials=1", "train.epochs=1")
-    cmd = [sys.executable, "jobs/tune.py", "--lang", "hi", "--profile", "local", "--summary", str(tmp_path / "s.json")]
+    cmd = [sys.executable, "jobs/tune.py", "--lang", "hi", "--profile", "tiny", "--summary", str(tmp_path / "s.json")]
     for s in sets:
         cmd += ["--set", s]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -112,6 +117,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path, s
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads((tmp_path / "s.json").read_text())
     assert len(summary["trials"]) == 3
+    assert set(summary["base_test_metrics"]) == set(summary["test_metrics"]) and 0 <= summary["p_value_vs_base"] <= 1
     trial_runs = client.search_runs([exp.experiment_id], filter_string="tags.`clp_ray.kind` = 'trial'")
     per_trial: dict[str, int] = {}
     for r in trial_runs:
