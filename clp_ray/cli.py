@@ -18,6 +18,7 @@ from typing import Optional
 from clp_ray.atomic import check_writable, write_json
 from clp_ray.config import ExperimentConfig, load_config
 from clp_ray.errors import ClpRayError, JobInterrupted
+from clp_ray.redact import install_log_filter, redact, redact_obj
 
 EXIT_USER_ERROR = 2
 
@@ -67,6 +68,7 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    install_log_filter()  # no credentials in log lines
 
 
 def run_job(main: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> int:
@@ -74,7 +76,7 @@ def run_job(main: Callable[[argparse.Namespace], dict], args: argparse.Namespace
     setup_logging()
     try:
         if getattr(args, "print_config", False):
-            print(config_from_args(args).to_yaml(), end="")
+            print(redact(config_from_args(args).to_yaml()), end="")
             return 0
         if args.summary:
             check_writable(args.summary, "--summary")
@@ -83,12 +85,13 @@ def run_job(main: Callable[[argparse.Namespace], dict], args: argparse.Namespace
         print(f"interrupted: {e}", file=sys.stderr)
         return 130
     except ClpRayError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     if args.summary and summary is not None:
+        summary = redact_obj(summary)
         try:
             write_json(args.summary, summary)
         except OSError as e:  # e.g. the disk filled up during the job: keep the result on stdout

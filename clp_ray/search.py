@@ -146,8 +146,11 @@ def run_trial(config: dict, base: dict, sweep: dict) -> None:
 # Driver.
 
 
-def sweep_name(cfg: ExperimentConfig) -> str:
-    return f"tune-{cfg.lang}-{cfg.config_hash()}"
+def sweep_name(cfg: ExperimentConfig, data_hash: str) -> str:
+    """``tune-<lang>-<hash of the config and the data>``: the same command on the same data resumes."""
+    from clp_ray.training import run_hash
+
+    return f"tune-{cfg.lang}-{run_hash(cfg, data_hash)}"
 
 
 def _per_trial(cfg: ExperimentConfig) -> dict[str, float]:
@@ -292,7 +295,7 @@ def run_sweep(cfg: ExperimentConfig, *, prep, num_layers: int, fresh: bool = Fal
     from clp_ray.tracking import tracking_uri
     from clp_ray.training import storage_path
 
-    name = sweep_name(cfg)
+    name = prep.name
     storage = storage_path(cfg)
     # A string, not a Path: storage may be a URI (s3://...), which Path would turn into "s3:/...".
     exp_dir = join(storage, name)
@@ -385,6 +388,7 @@ class TuneOutcome:
     parent_run_id: str
     base_test_metrics: dict[str, float] = field(default_factory=dict)
     p_value_vs_base: Optional[float] = None  # paired t-test on per-query test nDCG@10, best trial vs base
+    data_files: list[str] = field(default_factory=list)  # the training files read (folders expanded)
 
 
 def base_model_test(cfg: ExperimentConfig, test_set) -> Any:
@@ -413,8 +417,32 @@ def base_model_test(cfg: ExperimentConfig, test_set) -> Any:
 
 
 def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
-    from clp_ray.evaluation import compare, evaluate, load_beir
-    from clp_ray.modeling import Embedder, num_encoder_layers
+    from clp_ray.evaluation import load_beir
+    from clp_ray.modeling import num_encoder_layers
+    from clp_ray.training import check_moe_layers, check_resources, ensure_ray, prepare, resolve_model_path, run_lock
+
+    cfg = resolve_model_path(cfg)
+    # Everything that can fail on user input fails here, before any cluster work.
+    layers = num_encoder_layers(cfg.model)
+    check_space(cfg, layers)
+    if not searches_moe(cfg):  # otherwise every trial gets its layers from the search space
+        check_moe_layers(cfg, layers)
+    prep = prepare(cfg, name=sweep_name)
+    name = prep.name
+    if not cfg.eval.data_dir:
+        raise ConfigError("eval.data_dir is not set: the best trial is evaluated on its held-out test split")
+    test_set = load_beir(cfg.eval.data_dir, cfg.eval.test_split, miracl_root=cfg.eval.miracl_root)
+    with run_lock(cfg, name):  # before any cluster work: a second identical command stops here
+        ensure_ray(cfg)
+        check_resources(cfg)
+        check_concurrency(cfg)
+        return _sweep_and_register(cfg, prep, layers, test_set, fresh)
+
+
+def _sweep_and_register(cfg: ExperimentConfig, prep, layers: int, test_set, fresh: bool) -> TuneOutcome:
+    """The tune job after its checks: MLflow parent run, base model, sweep, test, registry."""
+    from clp_ray.evaluation import compare, evaluate
+    from clp_ray.modeling import Embedder
     from clp_ray.plots import write_sweep_plots
     from clp_ray.storage import local_folder
     from clp_ray.tracking import (
@@ -426,22 +454,8 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         registered_model_name,
         resume_or_start_run,
     )
-    from clp_ray.training import check_moe_layers, check_resources, ensure_ray, prepare, resolve_model_path
 
-    cfg = resolve_model_path(cfg)
-    name = sweep_name(cfg)
-    # Everything that can fail on user input fails here, before any cluster work.
-    layers = num_encoder_layers(cfg.model)
-    check_space(cfg, layers)
-    if not searches_moe(cfg):  # otherwise every trial gets its layers from the search space
-        check_moe_layers(cfg, layers)
-    prep = prepare(cfg, name=name)
-    if not cfg.eval.data_dir:
-        raise ConfigError("eval.data_dir is not set: the best trial is evaluated on its held-out test split")
-    test_set = load_beir(cfg.eval.data_dir, cfg.eval.test_split, miracl_root=cfg.eval.miracl_root)
-    ensure_ray(cfg)
-    check_resources(cfg)
-    check_concurrency(cfg)
+    name = prep.name
 
     def on_start(tracker) -> None:
         tracker.log_params({**{f"search.{k}": v for k, v in cfg.search.model_dump().items()},
@@ -505,4 +519,4 @@ def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
         raise
     parent.end("FINISHED")
     return TuneOutcome(name, trials, best, best_cfg, test, reg_name, mv.version, promotion, parent.run_id,
-                       base.metrics, vs_base.p_value)
+                       base.metrics, vs_base.p_value, list(prep.data_files))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -22,13 +23,16 @@ def is_uri(path: str) -> bool:
 
 
 def location(storage: str, fs_path: str) -> str:
-    """``fs_path`` (a path in ``storage``'s filesystem, as Ray reports it) as a local path or URI."""
+    """``fs_path`` (a path in ``storage``'s filesystem, as Ray reports it) as a local path or URI on
+    the same storage: its credentials (``s3://KEY:SECRET@bucket``) and query options kept."""
     if not is_uri(storage):
         return fs_path
     scheme, rest = storage.split("://", 1)
     query = rest.split("?", 1)[1] if "?" in rest else ""
+    netloc = rest.split("?", 1)[0].split("/", 1)[0]
+    userinfo = netloc.rsplit("@", 1)[0] + "@" if "@" in netloc else ""
     path = fs_path if scheme == "file" else fs_path.lstrip("/")
-    return f"{scheme}://{path}" + (f"?{query}" if query else "")
+    return f"{scheme}://{userinfo}{path}" + (f"?{query}" if query else "")
 
 
 def join(loc: str, name: str) -> str:
@@ -62,12 +66,15 @@ def local_folder(loc: str, cache_dir: str | os.PathLike) -> Path:
     if dest.is_dir():
         return dest
     fs, path = filesystem(loc)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)  # copy_files does not create the destination folder
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))  # one per copier
     try:
         pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(tmp, dest)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process copied the same checkpoint first: use its copy
+            if not dest.is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

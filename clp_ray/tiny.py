@@ -47,12 +47,9 @@ def tiny_model_path(spec: TinyModelConfig | None = None) -> Path:
     if (path / "config.json").exists():
         return path
     log.info("building tiny offline encoder in %s", path)
-    try:
-        with atomic_path(path, is_dir=True) as tmp:
-            _build(spec, tmp)
-    except OSError:
-        if not (path / "config.json").exists():  # another process won the race: use its folder
-            raise
+    # Several workers may build it at once: the first folder published stays (never moved aside).
+    with atomic_path(path, is_dir=True, keep_existing=True) as tmp:
+        _build(spec, tmp)
     return path
 
 

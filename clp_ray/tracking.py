@@ -9,6 +9,7 @@ workers only log to a run id they are given.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import warnings
@@ -22,6 +23,7 @@ import mlflow.pyfunc
 
 from clp_ray.config import ExperimentConfig
 from clp_ray.errors import ClpRayError
+from clp_ray.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +74,19 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(metric_key(k), str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+        items = [Param(metric_key(k), redact(str(v))[:_MAX_PARAM_LEN]) for k, v in params.items()]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            self.client.set_tag(self.run_id, k, redact(str(v)))
 
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact(text), artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
@@ -150,7 +152,8 @@ def start_run(cfg: ExperimentConfig, run_name: str, *, tags: Optional[dict] = No
     all_tags = {"clp_ray.lang": cfg.lang, "clp_ray.config_hash": cfg.config_hash(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = MlflowClient(tracking_uri=uri).create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    run = MlflowClient(tracking_uri=uri).create_run(exp_id, run_name=run_name,
+                                                    tags={k: redact(str(v)) for k, v in all_tags.items()})
     return Tracker(uri, run.info.run_id)
 
 
@@ -277,7 +280,7 @@ def log_embedder_model(tracker: Tracker, model_dir: str | os.PathLike, *, regist
     if not registered_name:
         return info
     client = tracker.client
-    version = mlflow.register_model(info.model_uri, registered_name, tags={k: str(v) for k, v in (tags or {}).items()})
+    version = mlflow.register_model(info.model_uri, registered_name, tags={k: redact(str(v)) for k, v in (tags or {}).items()})
     return client.get_model_version(registered_name, version.version)
 
 
@@ -289,6 +292,24 @@ class Promotion:
     previous: Optional[str] = None
 
 
+def _score(tags: dict, key: str) -> float:
+    """A version's metric tag as a float; NaN when it is missing or not a number."""
+    try:
+        return float(tags.get(key, "nan"))
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def promotion_lock(uri: str, name: str):
+    """Serialise promotions of one registered model: reading the champion and moving the alias
+    are two MLflow calls, and two jobs interleaving them could both promote (the worse one last).
+    A file lock (:mod:`clp_ray.locks`): it holds across processes on one machine (a local or
+    SQLite store, or jobs submitted to one head); MLflow has no compare-and-set for aliases."""
+    from clp_ray.locks import lock_file, serialised
+
+    return serialised(lock_file("promote", uri, name))
+
+
 def promote_if_better(uri: str, name: str, version: str, *, metric_tag: str = "test_ndcg_at_10",
                       eval_hash_tag: str = "eval_set_hash", alias: str = "champion",
                       rescore: Optional[Callable[[str], float]] = None,
@@ -296,45 +317,51 @@ def promote_if_better(uri: str, name: str, version: str, *, metric_tag: str = "t
     """Move ``alias`` to ``version`` only if its test metric beats the base model's
     (``base_score``, the untrained model on the same test set; the first version included) and the
     current champion's on the same evaluation set. A champion scored on another set is re-scored
-    with ``rescore(model_uri)`` when given; otherwise the version stays unpromoted. The reason goes
-    into a version tag."""
+    with ``rescore(model_uri)`` when given; otherwise the version stays unpromoted. A NaN or
+    missing metric never wins, and a champion without one never blocks. The reason goes into a
+    version tag; the whole decision runs under :func:`promotion_lock`."""
+    with promotion_lock(uri, name):
+        return _promote(uri, name, version, metric_tag, eval_hash_tag, alias, rescore, base_score)
+
+
+def _promote(uri, name, version, metric_tag, eval_hash_tag, alias, rescore, base_score) -> Promotion:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(uri)
+
+    def decide(promoted: bool, reason: str, previous: Optional[str] = None) -> Promotion:
+        if promoted:
+            client.set_registered_model_alias(name, alias, version)
+        client.set_model_version_tag(name, version, "clp_ray.promotion" if promoted else "clp_ray.not_promoted_reason",
+                                     reason)
+        return Promotion(promoted, reason, version, previous)
+
     new = client.get_model_version(name, version)
-    new_score = float(new.tags[metric_tag])
+    new_score = _score(new.tags, metric_tag)
+    if math.isnan(new_score):
+        return decide(False, f"not promoted: its {metric_tag} is missing or not a number ({new.tags.get(metric_tag)!r})")
     if base_score is not None and not new_score > base_score:
-        reason = f"not promoted: {metric_tag} {new_score:.4f} does not beat the base model's {base_score:.4f}"
-        client.set_model_version_tag(name, version, "clp_ray.not_promoted_reason", reason)
-        return Promotion(False, reason, version)
+        return decide(False, f"not promoted: {metric_tag} {new_score:.4f} does not beat the base model's {base_score:.4f}")
     try:
         champ = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         champ = None
     if champ is None:
-        client.set_registered_model_alias(name, alias, version)
-        reason = f"first version: promoted to @{alias} with {metric_tag} {new_score:.4f}"
-        client.set_model_version_tag(name, version, "clp_ray.promotion", reason)
-        return Promotion(True, reason, version)
+        return decide(True, f"first version: promoted to @{alias} with {metric_tag} {new_score:.4f}")
     if champ.version == version:
         return Promotion(True, f"version {version} already holds @{alias}", version, champ.version)
-    champ_score = float(champ.tags.get(metric_tag, "nan"))
+    champ_score = _score(champ.tags, metric_tag)
     if champ.tags.get(eval_hash_tag) != new.tags.get(eval_hash_tag):
         if rescore is None:
-            reason = (f"not promoted: champion v{champ.version} was evaluated on another set "
-                      f"({champ.tags.get(eval_hash_tag)} vs {new.tags.get(eval_hash_tag)})")
-            client.set_model_version_tag(name, version, "clp_ray.not_promoted_reason", reason)
-            return Promotion(False, reason, version, champ.version)
-        champ_score = rescore(f"models:/{name}/{champ.version}")
-    if new_score > champ_score:
-        client.set_registered_model_alias(name, alias, version)
-        reason = f"promoted: {metric_tag} {new_score:.4f} > champion v{champ.version} {champ_score:.4f}"
-        client.set_model_version_tag(name, version, "clp_ray.promotion", reason)
-        return Promotion(True, reason, version, champ.version)
-    reason = f"not promoted: {metric_tag} {new_score:.4f} <= champion v{champ.version} {champ_score:.4f}"
-    client.set_model_version_tag(name, version, "clp_ray.not_promoted_reason", reason)
-    return Promotion(False, reason, version, champ.version)
+            return decide(False, f"not promoted: champion v{champ.version} was evaluated on another set "
+                                 f"({champ.tags.get(eval_hash_tag)} vs {new.tags.get(eval_hash_tag)})", champ.version)
+        champ_score = float(rescore(f"models:/{name}/{champ.version}"))
+    if math.isnan(champ_score) or new_score > champ_score:
+        shown = "no usable score" if math.isnan(champ_score) else f"{champ_score:.4f}"
+        return decide(True, f"promoted: {metric_tag} {new_score:.4f} > champion v{champ.version} {shown}", champ.version)
+    return decide(False, f"not promoted: {metric_tag} {new_score:.4f} <= champion v{champ.version} {champ_score:.4f}",
+                  champ.version)
 
 
 def registered_model_folder(uri: str, tracking_uri: Optional[str] = None) -> str:

@@ -16,12 +16,14 @@ micro-batch, so a resumed run takes the same optimizer steps as an uninterrupted
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +34,7 @@ from torch import nn
 from clp_ray.atomic import check_writable
 from clp_ray.config import ExperimentConfig, default_config_dir
 from clp_ray.errors import ClpRayError, ConfigError
+from clp_ray.redact import install_log_filter
 from clp_ray.storage import filesystem, folder_exists, is_uri, join, local_folder, location
 
 log = logging.getLogger(__name__)
@@ -121,8 +124,14 @@ def _walk(d: dict, prefix: str = ""):
             yield key, v
 
 
-def run_name(cfg: ExperimentConfig) -> str:
-    return cfg.train.run_name or f"train-{cfg.lang}-{cfg.config_hash()}"
+def run_hash(cfg: ExperimentConfig, data_hash: str) -> str:
+    """Names a run or sweep by what it trains on as well as how: re-running the same command on
+    changed data starts a new run instead of resuming the old one."""
+    return hashlib.sha256(f"{cfg.config_hash()}/{data_hash}".encode()).hexdigest()[:10]
+
+
+def run_name(cfg: ExperimentConfig, data_hash: str) -> str:
+    return cfg.train.run_name or f"train-{cfg.lang}-{run_hash(cfg, data_hash)}"
 
 
 def storage_path(cfg: ExperimentConfig) -> str:
@@ -284,6 +293,7 @@ def train_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s", datefmt="%H:%M:%S")
+    install_log_filter()
     t_cfg, d_cfg = cfg.train, cfg.data
 
     # Same seed on every rank: the upcycled routers must start identical.
@@ -296,7 +306,7 @@ def train_worker(config: dict) -> None:
         embedder.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = CLPTrainingModule(embedder, cfg.loss.temperature, cfg.loss.lam, cfg.loss.cross_device_negatives)
 
-    records = load_records(_Report(config["data_files"], config["data_hash"]), lam=cfg.loss.lam,
+    records = load_records(_Report(config["data_files"], config["data_hash"], d_cfg.on_duplicate), lam=cfg.loss.lam,
                            group_size=d_cfg.train_group_size, max_line_bytes=d_cfg.max_line_bytes)
     train_ds, dev_ds = split_train_dev(records, d_cfg.dev_fraction, d_cfg.seed, by=d_cfg.dev_split)
     dev_set = dev_retrieval_set(dev_ds) if len(dev_ds) else None
@@ -436,6 +446,7 @@ class _Report:
 
     files: list[str]
     content_hash: str
+    on_duplicate: str = "keep"
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,7 +573,7 @@ def check_moe_layers(cfg: ExperimentConfig, num_layers: Optional[int] = None) ->
         raise ConfigError(f"{cfg.cite('moe.layers')}: {e}; {cfg.cite('model.name_or_path')}") from None
 
 
-def prepare(cfg: ExperimentConfig, *, name: Optional[str] = None) -> PreparedRun:
+def prepare(cfg: ExperimentConfig, *, name: Optional[Callable[[ExperimentConfig, str], str]] = None) -> PreparedRun:
     """All checks that can fail on user input, before any cluster work: config consistency,
     DeepSpeed config, data validation (rejects written next to the run outputs)."""
     from clp_ray.data import load_records, split_train_dev, validate
@@ -574,15 +585,17 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[str] = None) -> PreparedRun
     if cfg.data.train_group_size < 2 and cfg.loss.lam > 0:
         raise ConfigError(f"{cfg.cite('loss.lam')} needs hard negatives, but "
                           f"{cfg.cite('data.train_group_size')}: it must be >= 2 (or loss.lam = 0)")
-    name = name or run_name(cfg)
     ds_config = deepspeed_config(cfg, cfg.ray.num_workers)
     check_writable(cfg.train.output_dir, cfg.cite("train.output_dir"), folder=True)
     check_storage(cfg)
     check_tracking(cfg)
-    out_dir = Path(cfg.train.output_dir).resolve() / name
+    # The run is named after the data too, so its rejects go beside the runs of this config.
+    rejects = Path(cfg.train.output_dir).resolve() / f"rejects-{cfg.lang}-{cfg.config_hash()}.jsonl"
     report = validate(cfg.data.train_paths, lam=cfg.loss.lam, group_size=cfg.data.train_group_size,
                       max_line_bytes=cfg.data.max_line_bytes, on_bad_record=cfg.data.on_bad_record,
-                      rejects_path=out_dir / "rejects.jsonl" if cfg.data.on_bad_record == "skip" else None)
+                      rejects_path=rejects if cfg.data.on_bad_record == "skip" else None,
+                      on_duplicate=cfg.data.on_duplicate)
+    name = (name or run_name)(cfg, report.content_hash)
     log.info("training data: %d good records (%d rejected), content hash %s", report.good, report.bad, report.content_hash)
     # Build the Arrow cache once on the driver; workers on this machine reuse it.
     records = load_records(report, lam=cfg.loss.lam, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
@@ -605,6 +618,7 @@ class TrainResult:
     metrics: dict[str, Any]
     mlflow_run_id: Optional[str] = None
     local_model_path: Optional[str] = None  # model_path, or its local copy when the storage is remote
+    data_files: list[str] = field(default_factory=list)  # the training files read (folders expanded)
 
 
 def fit(prep: PreparedRun, *, tracker=None, callbacks: Optional[list] = None) -> TrainResult:
@@ -638,7 +652,7 @@ def fit(prep: PreparedRun, *, tracker=None, callbacks: Optional[list] = None) ->
     ckpt_path = location(prep.storage, ckpt.path) if ckpt else None
     model_path = checkpoint_model(ckpt_path) if ckpt_path else None
     return TrainResult(prep.name, prep.run_dir, ckpt_path, model_path, dict(result.metrics or {}),
-                       tracker.run_id if tracker else None)
+                       tracker.run_id if tracker else None, data_files=list(prep.data_files))
 
 
 def checkpoint_model(ckpt_location: str) -> Optional[str]:
@@ -659,6 +673,14 @@ def explain_failure(e: BaseException) -> str:
         return "training failed: " + "; ".join(parts)
     text = str(e).strip().splitlines()
     return f"training failed: {text[-1] if text else type(e).__name__}"
+
+
+def run_lock(cfg: ExperimentConfig, name: str):
+    """One process per run (or sweep) folder: two identical commands would otherwise write the
+    same checkpoints and MLflow run at once."""
+    from clp_ray.locks import exclusive
+
+    return exclusive(Path(cfg.train.output_dir).resolve() / name / ".lock", f"run {name}")
 
 
 def open_tracking(prep: PreparedRun):
@@ -684,21 +706,22 @@ def run_training(cfg: ExperimentConfig) -> TrainResult:
     cfg = resolve_model_path(cfg)
     check_moe_layers(cfg)
     prep = prepare(cfg)
-    ensure_ray(cfg)
-    check_resources(cfg)
-    tracker = open_tracking(prep)
-    log.info("run %s: storage %s, MLflow run %s (%s)", prep.name, prep.run_dir, tracker.run_id, tracker.uri)
-    try:
-        result = fit(prep, tracker=tracker)
-    except TrainingFailedError as e:
-        tracker.end("FAILED")
-        raise ClpRayError(explain_failure(e)) from None
-    except BaseException:
-        tracker.end("KILLED")
-        raise
-    if result.model_path:
-        # On remote storage (s3://...) a local copy under train.output_dir, for MLflow and the user.
-        result.local_model_path = str(local_folder(result.model_path, Path(cfg.train.output_dir).resolve() / prep.name))
-        tracker.log_artifacts(result.local_model_path, "model")
-    tracker.end("FINISHED")
+    with run_lock(cfg, prep.name):  # before any cluster work: a second identical command stops here
+        ensure_ray(cfg)
+        check_resources(cfg)
+        tracker = open_tracking(prep)
+        log.info("run %s: storage %s, MLflow run %s (%s)", prep.name, prep.run_dir, tracker.run_id, tracker.uri)
+        try:
+            result = fit(prep, tracker=tracker)
+        except TrainingFailedError as e:
+            tracker.end("FAILED")
+            raise ClpRayError(explain_failure(e)) from None
+        except BaseException:
+            tracker.end("KILLED")
+            raise
+        if result.model_path:
+            # On remote storage (s3://...) a local copy under train.output_dir, for MLflow and the user.
+            result.local_model_path = str(local_folder(result.model_path, Path(cfg.train.output_dir).resolve() / prep.name))
+            tracker.log_artifacts(result.local_model_path, "model")
+        tracker.end("FINISHED")
     return result

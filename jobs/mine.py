@@ -64,14 +64,17 @@ def main(args) -> dict:
                                 show_progress=True, desc="encode queries")
     records, stats = mine(q_emb, d_emb, qids, doc_ids, data.queries, data.corpus, data.qrels, m,
                           chunk_size=cfg.eval.chunk_size, show_progress=True, search=search)
-    out = write_records(records, args.out, stats)
-    report = validate([str(out)], lam=0.1, group_size=2)  # the file must pass the training validator
+    # The output must pass the training validator before it replaces anything: a failed run leaves
+    # the previous file as it was.
+    out = write_records(records, args.out, stats, check=lambda tmp: validate([str(tmp)], lam=0.1, group_size=2))
+    report = validate([str(out)], lam=0.1, group_size=2)  # its content hash, under its own name
     s = stats.to_dict()
     print(f"\nwrote {out}: {s['written']} records, {s['negatives_per_query']:.2f} negatives per query")
     print(f"neg_q sources: {s['neg_q_from_qrels']} from qrels, {s['neg_q_generated']} generated, "
           f"{s['negatives_dropped']} negatives dropped (no known query); {s['skipped_no_negatives']} queries without "
           f"negatives skipped; {s['candidates_guarded']} candidates skipped by the false-negative margin")
-    return {"out": str(out), "content_hash": report.content_hash, **s}
+    inputs = [args.data] if args.data else [args.corpus, args.queries, args.qrels]
+    return {"out": str(out), "content_hash": report.content_hash, "inputs": inputs, **s}
 
 
 def parser():

@@ -19,6 +19,7 @@ log = logging.getLogger("clp_ray.train")
 
 
 def main(args) -> dict:
+    from clp_ray.redact import redact
     from clp_ray.training import run_training
 
     cfg = config_from_args(args)
@@ -30,13 +31,13 @@ def main(args) -> dict:
     for k, v in dev.items():
         before = init.get(k)
         print(f"  {k:<16} {v:.4f}" + (f"   (untrained {before:.4f})" if before is not None else ""))
-    print(f"model: {result.model_path}")
+    print(f"model: {redact(str(result.model_path))}")
     if result.local_model_path and result.local_model_path != result.model_path:
         print(f"local copy: {result.local_model_path}")
     print(f"MLflow run: {result.mlflow_run_id}")
     return {"run_name": result.name, "run_dir": result.run_dir, "checkpoint": result.checkpoint_path,
             "model_path": result.model_path, "local_model_path": result.local_model_path, "metrics": m,
-            "mlflow_run_id": result.mlflow_run_id}
+            "mlflow_run_id": result.mlflow_run_id, "data_files": result.data_files}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ log = logging.getLogger("clp_ray.tune")
 
 
 def main(args) -> dict:
+    from clp_ray.redact import redact
     from clp_ray.search import run_tune_job
     from clp_ray.tracking import tracking_uri
 
@@ -39,7 +40,7 @@ def main(args) -> dict:
           f"(paired t-test p = {out.p_value_vs_base:.3g})")
     print(f"registered {out.registered_name} version {out.version}: {out.promotion.reason}")
     uri = tracking_uri(cfg)
-    print("load it with:\n  " + (f"MLFLOW_TRACKING_URI={uri} " if not cfg.tracking.tracking_uri else "")
+    print("load it with:\n  " + (f"MLFLOW_TRACKING_URI={redact(uri)} " if not cfg.tracking.tracking_uri else "")
           + f"python -c \"import mlflow; print(mlflow.pyfunc.load_model('models:/{out.registered_name}@champion')"
           ".predict(['text']).shape)\"")
     return {
@@ -49,7 +50,7 @@ def main(args) -> dict:
         "best": {"trial_id": out.best.trial_id, "params": out.best.params, "dev_ndcg@10": out.best.dev_metric,
                  "model_path": out.best.model_path, "moe_layers": out.best_config.moe.layers},
         "test_metrics": out.test_metrics,
-        "base_test_metrics": out.base_test_metrics, "p_value_vs_base": out.p_value_vs_base,
+        "base_test_metrics": out.base_test_metrics, "p_value_vs_base": out.p_value_vs_base, "data_files": out.data_files,
         "registered_model": out.registered_name, "version": out.version,
         "promoted": out.promotion.promoted, "promotion_reason": out.promotion.reason,
         "model_uri": f"models:/{out.registered_name}@champion",

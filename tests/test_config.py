@@ -132,3 +132,25 @@ def test_resolved_config_round_trips_and_hash_is_stable():
     assert load_config("hi", "tiny", ["loss.lam=0.3"]).config_hash() != cfg.config_hash()
     assert cfg.flat()["loss.lam"] == 0.2
     assert Path(default_config_dir(), "base.yaml").exists()
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("train.seed=" + "9" * 5000, "unusable value: Exceeds the limit (4300 digits)"),
+    ("train.seed=18446744073709551616", "train.seed: Input should be less than 4294967296"),  # torch.manual_seed refuses 2**64
+    ("data.seed=-1", "data.seed: Input should be greater than or equal to 0"),
+    ("moe.router.balance_coef=.inf", "moe.router.balance_coef: Input should be a finite number (got inf)"),
+    ("ray.cpus_per_worker=.inf", "ray.cpus_per_worker: Input should be a finite number"),
+    ("loss.lam=.nan", "loss.lam: Input should be a finite number (got nan)"),
+    ("train.weight_decay=.inf", "train.weight_decay: Input should be a finite number"),
+    ("search.lam=[0, .inf]", "search.lam.1: Input should be a finite number"),
+])
+def test_values_python_or_torch_cannot_use_fail_at_load(assignment, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("hi", "tiny", [assignment])
+    assert message in str(e.value) and len(str(e.value)) < 600
+
+
+def test_a_huge_number_in_a_config_file_names_the_file(cdir):
+    (cdir / "lang" / "hi.yaml").write_text("train:\n  seed: " + "7" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"lang/hi.yaml: unusable value: Exceeds the limit"):
+        load_config("hi", "tiny", config_dir=cdir)

@@ -179,3 +179,18 @@ def test_evaluate_job_bad_input_exits_2(tmp_path):
         p = run_job("--model", "tiny", "--data", "pkg://ko_help", flag, str(blocker / "out.json"))
         assert p.returncode == 2 and "Traceback" not in p.stderr and "evaluation set" not in p.stderr
         assert f"error: {flag}: cannot write to {blocker / 'out.json'} ({blocker} is a file, not a folder)" in p.stderr
+
+
+def test_graded_and_bom_inputs(tmp_path):
+    root = _beir(tmp_path, [("q1", "d1", 2), ("q1", "d2", "1.0")])
+    data = load_beir(root, "test")
+    assert data.qrels == {"q1": {"d1": 2, "d2": 1}}  # integer grades, also written as 1.0
+    qrels = root / "qrels" / "test.tsv"
+    qrels.write_text(qrels.read_text() + "q1\td3\t0.5\n")
+    with pytest.raises(DataError, match=r"test.tsv:4: relevance '0.5' is not an integer grade"):
+        load_beir(root, "test")  # truncating it to 0 would make a judged-relevant page non-relevant
+    qrels.write_bytes(b"\xef\xbb\xbf" + b"query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        (root / name).write_bytes(b"\xef\xbb\xbf" + (root / name).read_bytes())
+    data = load_beir(root, "test")  # byte order marks at the start of each file are not part of the data
+    assert data.qrels == {"q1": {"d1": 1}} and data.corpus["d1"] == "T text d1"

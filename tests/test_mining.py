@@ -94,6 +94,10 @@ class FakeLLM(BaseHTTPRequestHandler):
             return
         if FakeLLM.behaviour == "slow_once" and n == 1:
             time.sleep(1.5)
+        if FakeLLM.behaviour in ("unauthorized", "down") or (FakeLLM.behaviour == "flaky" and "bad" in prompt):
+            self.send_response(401 if FakeLLM.behaviour == "unauthorized" else 503)
+            self.end_headers()
+            return
         passage = prompt.rsplit("\n", 1)[-1]
         out = json.dumps({"choices": [{"message": {"content": f"what is in {passage}?"}}]}).encode()
         self.send_response(200)
@@ -131,6 +135,41 @@ def test_generator_over_http_retries_times_out_and_caches(llm_server, tmp_path, 
     assert again.generate_many(["p1", "p2", "p3"]) == out
     assert again.requests == 0 and again.cache_hits == 3  # a re-run never pays twice
     assert sum(FakeLLM.hits.values()) == expected_requests
+
+
+def test_a_failing_generator_stops_mining_instead_of_dropping_negatives(llm_server, tmp_path):
+    from clp_ray.errors import ClpRayError
+
+    def gen(**kw):
+        return QueryGenerator(GeneratorConfig(kind="openai", base_url=llm_server, max_retries=1, timeout_s=2,
+                                              cache_dir=str(tmp_path / "cache"), prompt="Query for:\n{passage}", **kw))
+
+    FakeLLM.behaviour = "unauthorized"  # a bad key: no retries, no second passage
+    with pytest.raises(ClpRayError, match=r"refused the request \(HTTP 401\): check \$OPENAI_API_KEY"):
+        gen(concurrency=1).generate_many([f"p{i}" for i in range(50)])
+    assert sum(FakeLLM.hits.values()) == 1
+    FakeLLM.behaviour, FakeLLM.hits = "down", {}
+    with pytest.raises(ClpRayError, match=r"3 passages in a row got no query"):
+        gen(concurrency=1, max_consecutive_failures=3).generate_many([f"p{i}" for i in range(50)])
+    assert sum(FakeLLM.hits.values()) == 6  # 3 passages x 2 attempts, then it stops
+    FakeLLM.behaviour, FakeLLM.hits = "flaky", {}
+    passages = [f"p{i}" for i in range(18)] + ["bad1", "bad2"]
+    with pytest.raises(ClpRayError, match=r"2 of 20 passages got no query \(more than mining.generator.max_failure_rate = 0.05\)"):
+        gen().generate_many(passages)
+    ok = gen(max_failure_rate=0.2)
+    out = ok.generate_many(passages)  # cached answers now; the two failures are tolerated and counted
+    assert out[:18] == [f"what is in p{i}?" for i in range(18)] and out[18:] == [None, None] and ok.failures == 2
+
+
+def test_a_corrupt_cache_entry_is_asked_again(llm_server, tmp_path):
+    FakeLLM.behaviour = "ok"
+    cfg = GeneratorConfig(kind="openai", base_url=llm_server, cache_dir=str(tmp_path / "cache"), prompt="Q:\n{passage}")
+    assert QueryGenerator(cfg).generate_many(["p1"]) == ["what is in p1?"]
+    (entry,) = (tmp_path / "cache").glob("*.json")
+    entry.write_text('{"query": "trunc')
+    again = QueryGenerator(cfg)
+    assert again.generate_many(["p1"]) == ["what is in p1?"] and again.requests == 1
+    assert json.loads(entry.read_text())["query"] == "what is in p1?"
 
 
 def test_mining_with_generator_fills_unknown_neg_q(llm_server, tmp_path):
@@ -253,3 +292,18 @@ def test_mine_job_inputs_and_errors(tmp_path):
             "--summary", str(tmp_path / "s.json"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((tmp_path / "s.json").read_text())["written"] > 0
+
+
+def test_a_failed_write_leaves_the_previous_output_untouched(tmp_path):
+    from clp_ray.data import validate
+    from clp_ray.errors import DataError
+    from clp_ray.mining import write_records
+
+    out = tmp_path / "train.jsonl"
+    good = [{"query": "q", "pos": ["p"], "neg": ["n"], "neg_q": ["x"]}]
+    write_records(good, out, check=lambda tmp: validate([str(tmp)], lam=0.1, group_size=2))
+    before = out.read_bytes()
+    bad = [{"query": "q", "pos": ["p"], "neg": [""], "neg_q": ["x"]}]  # an empty negative fails validation
+    with pytest.raises(DataError, match="neg: item 0 is an empty string"):
+        write_records(bad, out, check=lambda tmp: validate([str(tmp)], lam=0.1, group_size=2))
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]

@@ -163,3 +163,61 @@ def test_check_tracking_fails_fast_with_the_setting(mlflow_cfg, tmp_path, monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://env")
     with pytest.raises(ClpRayError, match=r"^\$MLFLOW_TRACKING_URI = bogus://env: cannot use"):
         check_tracking(load_config("hi", "tiny"))
+
+
+@pytest.mark.slow
+def test_nan_never_wins_and_never_blocks(mlflow_cfg, moe_folder):
+    from mlflow import MlflowClient
+
+    uri = mlflow_cfg.tracking.tracking_uri
+    client = MlflowClient(uri)
+    v1 = register(mlflow_cfg, moe_folder, float("nan"))
+    p1 = promote_if_better(uri, "clp-ray-hi", v1)  # a NaN first version does not become @champion
+    assert not p1.promoted and "missing or not a number ('nan')" in p1.reason
+    v2 = register(mlflow_cfg, moe_folder, 0.4)
+    assert promote_if_better(uri, "clp-ray-hi", v2).promoted
+    client.set_model_version_tag("clp-ray-hi", v2, "test_ndcg_at_10", "nan")  # the champion's metric goes bad
+    v3 = register(mlflow_cfg, moe_folder, 0.3)
+    p3 = promote_if_better(uri, "clp-ray-hi", v3)  # ... and does not block a scored version
+    assert p3.promoted and p3.reason == f"promoted: test_ndcg_at_10 0.3000 > champion v{v2} no usable score"
+
+
+@pytest.mark.slow
+def test_concurrent_promotions_keep_the_better_model(mlflow_cfg, moe_folder, monkeypatch):
+    """Two jobs promoting at once both read the same champion; without the lock the one that moves
+    the alias last wins, even when it is the worse model."""
+    import threading
+    import time
+
+    from mlflow import MlflowClient
+
+    uri = mlflow_cfg.tracking.tracking_uri
+    v1 = register(mlflow_cfg, moe_folder, 0.5)
+    promote_if_better(uri, "clp-ray-hi", v1)
+    better, worse = register(mlflow_cfg, moe_folder, 0.7), register(mlflow_cfg, moe_folder, 0.6)
+    read = MlflowClient.get_model_version_by_alias
+    delay = {better: 0.0, worse: 0.6}  # the worse one reads the champion, then moves the alias last
+    current = threading.local()
+
+    def slow_read(self, name, alias):
+        out = read(self, name, alias)
+        time.sleep(delay[current.version])
+        return out
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", slow_read)
+    results = {}
+
+    def promote(version):
+        current.version = version
+        results[version] = promote_if_better(uri, "clp-ray-hi", version)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in (worse, better)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", read)
+    assert MlflowClient(uri).get_model_version_by_alias("clp-ray-hi", "champion").version == better
+    # Serialised: the worse one (first in) replaced v1, then the better one replaced it.
+    assert results[worse].previous == v1 and results[better].promoted and results[better].previous == worse
