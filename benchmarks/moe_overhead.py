@@ -1,6 +1,6 @@
 """Forward+backward time of an upcycled FFN vs the dense FFN, and vs a naive per-expert loop.
 
-Shapes from the issue: hidden 1024, intermediate 4096, 2048 tokens, fp32, CPU. The FFN is the
+Shapes: hidden 1024, intermediate 4096, 2048 tokens, fp32, CPU. The FFN is the
 encoder's feed-forward block ``Linear(1024->4096) -> GELU -> Linear(4096->1024)``; upcycling
 replaces its first Linear (site ``intermediate``) by ``MoEFeedForward``. For E in {2, 4, 8} and
 top-k in {1, 2} it prints (median of interleaved repeats, dense upstream gradient):
@@ -12,7 +12,7 @@ top-k in {1, 2} it prints (median of interleaved repeats, dense upstream gradien
 
 Targets apply to top-1; top-2 rows (two experts per token) are for reference. ``--device cuda``
 and ``--dtype bf16`` time the same on a GPU and/or in bf16 (parameters cast as DeepSpeed's bf16
-mode does), for reference: the issue sets the targets for fp32 on CPU. Ratios are medians
+mode does), for reference: the targets are for fp32 on CPU. Ratios are medians
 over rounds of back-to-back measurements (in alternating order), which a shared machine's drift
 affects far less than a ratio of separate medians.
 
@@ -49,7 +49,8 @@ import time
 import torch
 from torch import nn
 
-from clp_ray.cli import int_at_least
+from clp_ray.atomic import write_json
+from clp_ray.cli import add_summary_arg, int_at_least
 from clp_ray.moe import MoEFeedForward, dispatch_naive
 
 
@@ -156,9 +157,10 @@ def main() -> None:
                     help="rounds of the naive loop, at most --repeats (default 5, or --repeats if fewer): "
                          "it is timed only to show that it is slower")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="the issue's target is for cpu; cuda figures are for reference")
+                    help="the targets are for cpu; cuda figures are for reference")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                     help="bf16 casts every parameter, the router's too, as DeepSpeed's bf16 mode does")
+    add_summary_arg(ap)
     args = ap.parse_args()
     if args.naive_repeats is None:
         args.naive_repeats = min(5, args.repeats)
@@ -185,7 +187,7 @@ def main() -> None:
           f"{args.dtype}, forward+backward, median of {args.repeats} rounds (naive loop {args.naive_repeats})")
     print(f"{'E':>2} {'k':>2} {'ffn dense':>10} {'ffn moe':>8} {'ffn moe/dense':>14} {'95% CI':>13} "
           f"{'lin dense':>10} {'lin moe':>8} {'lin moe/dense':>14} {'naive':>8} {'naive/moe':>10}  verdict")
-    ok = True
+    ok, rows = True, []
     for e in (2, 4, 8):
         for k in (1, 2):
             layer = MoEFeedForward(up, e, k).to(dev, dtype)
@@ -209,11 +211,17 @@ def main() -> None:
             # shown for reference (at E=2 the naive loop does exactly the same work).
             passed = k > 1 or (speedup > 1 and ffn_r <= 1.10)
             ok &= passed
+            rows.append({"experts": e, "top_k": k, **{f"{n}_ms": t[n] * 1e3 for n in t}, "ffn_ratio": ffn_r,
+                         "ffn_ratio_ci95": [lo, hi], "linear_ratio": lin_r, "naive_over_moe": speedup,
+                         "passed": passed if k == 1 else None})
             print(f"{e:>2} {k:>2} {t['ffn_dense'] * 1e3:>8.1f}ms {t['ffn_moe'] * 1e3:>6.1f}ms {ffn_r:>13.4f}x {lo:>6.3f}-{hi:.3f} "
                   f"{t['lin_dense'] * 1e3:>8.1f}ms {t['lin_moe'] * 1e3:>6.1f}ms {lin_r:>13.3f}x "
                   f"{t['naive'] * 1e3:>6.1f}ms {speedup:>9.2f}x  {('PASS' if passed else 'FAIL') if k == 1 else '-'}")
     scope = "" if (args.device, args.dtype) == ("cpu", "fp32") else f" [the issue sets them for CPU fp32; {args.device} {args.dtype} is for reference]"
     print(f"targets (top-1 FFN <= 1.10x dense at every E; faster than the naive loop){scope}:", "PASS" if ok else "FAIL")
+    if args.summary:
+        write_json(args.summary, {"machine": where, "torch": torch.__version__, "device": args.device, "dtype": args.dtype,
+                                  "tokens": args.tokens, "repeats": args.repeats, "rows": rows, "targets_met": ok})
 
 
 if __name__ == "__main__":

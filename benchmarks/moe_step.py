@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from clp_ray.cli import int_at_least
+from clp_ray.atomic import write_json
+from clp_ray.cli import add_summary_arg, int_at_least
 
 positive = int_at_least(1)
 
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=positive, default=4096)
     ap.add_argument("--experts", type=positive, nargs="+", default=[2, 8])
     ap.add_argument("--repeats", type=positive, default=10)
+    add_summary_arg(ap)
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU is visible to torch")
@@ -78,6 +80,7 @@ def main() -> None:
           f"{args.batch}x{args.seq} tokens ({1 - mask.float().mean().item():.0%} padding), forward+backward, "
           f"median of {args.repeats} pairs")
     print(f"{'train_only':>10} {'E':>2} {'dense':>9} {'moe':>9} {'moe/dense':>10}")
+    rows = []
     for policy in ("moe", "all"):
         for e in args.experts:
             moe = copy.deepcopy(dense)
@@ -98,11 +101,16 @@ def main() -> None:
                 for m in (dense, moe):
                     m.zero_grad(set_to_none=True)
             ratio = statistics.median(a / b for a, b in zip(times["moe"], times["dense"]))
+            rows.append({"train_only": policy, "experts": e, "dense_ms": statistics.median(times["dense"]) * 1e3,
+                         "moe_ms": statistics.median(times["moe"]) * 1e3, "ratio": ratio})
             print(f"{policy:>10} {e:>2} {statistics.median(times['dense']) * 1e3:>7.1f}ms "
                   f"{statistics.median(times['moe']) * 1e3:>7.1f}ms {ratio:>9.3f}x")
             del moe
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+    if args.summary:
+        write_json(args.summary, {"machine": where, "torch": torch.__version__, "dtype": args.dtype, "layers": args.layers,
+                                  "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

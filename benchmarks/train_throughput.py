@@ -4,7 +4,7 @@ All on the CPU, single process, same backbone (a random MiniLM-sized XLM-R: hidd
 with the offline tiny tokenizer), same bundled data, batch size, group size (1 positive + G-1 hard
 negatives), sequence lengths (queries 32, passages 128), mean pooling, temperature 0.05, AdamW.
 
-- clp-ray plain (lam = 0): ``CLPTrainingModule`` forward + backward + AdamW step — the worker's step
+- clp-ray plain (lam = 0): ``CLPObjective`` forward + backward + AdamW step — the worker's step
   without DeepSpeed (one process has nothing to shard).
 - sentence-transformers: ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss``
   (scale 1/tau) on columns anchor, positive, negative_1..negative_{G-1}: the same InfoNCE.
@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from clp_ray.atomic import write_json
+from clp_ray.cli import add_summary_arg
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.disable(logging.WARNING)
@@ -58,11 +61,11 @@ def load_records(n: int) -> list[dict]:
 def clp_ray_rate(backbone: Path, records: list[dict], args, lam: float) -> float:
     from clp_ray.data import Collator, sample_group
     from clp_ray.modeling import Embedder
-    from clp_ray.training import CLPTrainingModule
+    from clp_ray.objective import CLPObjective
 
     torch.manual_seed(0)
     emb = Embedder.from_pretrained(backbone, pooling="mean", query_max_len=32, passage_max_len=128)
-    module = CLPTrainingModule(emb, temperature=0.05, lam=lam, cross_device=False).train()
+    module = CLPObjective(emb, temperature=0.05, lam=lam, cross_device=False).train()
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     collate = Collator(emb.tokenizer, 32, 128, bucket_size=args.bucket)
     times = []
@@ -70,7 +73,7 @@ def clp_ray_rate(backbone: Path, records: list[dict], args, lam: float) -> float
         chunk = records[(step * args.batch) % len(records):][: args.batch]
         batch = collate([sample_group(r, args.group, seed=0, epoch=0, index=i) for i, r in enumerate(chunk)])
         t = time.perf_counter()  # like the trainer callback below: batch already collated
-        loss, *_ = module(batch["query"], batch["passage"], batch["neg_query"])
+        loss = module(batch["query"], batch["passage"], batch["neg_query"]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -131,6 +134,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--bucket", type=int, default=16, help="data.length_bucket_size for clp-ray (0: pad whole batch)")
+    add_summary_arg(ap)
     args = ap.parse_args()
     records = load_records(500)
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,6 +154,11 @@ def main() -> None:
     print(f"  clp-ray CLP (lam=0.1)        {r['clp']:8.1f} examples/s")
     print(f"clp-ray plain / sentence-transformers: {vs_st:.2f}x  (target >= 1.20x: {'PASS' if vs_st >= 1.2 else 'FAIL'})")
     print(f"CLP time / plain CL time:              {clp_cost:.2f}x  (target <= 1.30x: {'PASS' if clp_cost <= 1.3 else 'FAIL'})")
+    if args.summary:
+        write_json(args.summary, {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
+                                  "group": args.group, "steps": args.steps, "rounds": args.rounds,
+                                  "examples_per_s": r, "plain_over_sentence_transformers": vs_st,
+                                  "clp_time_over_plain": clp_cost})
 
 
 if __name__ == "__main__":

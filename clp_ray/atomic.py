@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from clp_ray.errors import ClpRayError
+
 _UMASK_LOCK = threading.Lock()
 
 
@@ -105,7 +107,6 @@ def check_writable(path: str | os.PathLike, what: str, *, folder: bool = False) 
     """Fail before any work, not after it, when an output cannot be created at ``path`` (a file,
     or with ``folder=True`` a folder): creates the missing parents and writes and removes a probe.
     ``what`` names the setting in the message (``--summary``, ``train.output_dir = ...``)."""
-    from clp_ray.errors import ClpRayError
 
     p = Path(path)
     if p.is_dir() and not folder:

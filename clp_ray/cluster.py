@@ -26,7 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import ray
 import yaml
+
+# Ray's own cluster-config validation has no public API; these two functions are what `ray up` runs.
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 PRIVATE_PORTS = {8265: "dashboard / job API", 6379: "GCS", 10001: "Ray client"}
 PUBLIC_HOSTS = {"0.0.0.0", "::", "[::]", "0:0:0:0:0:0:0:0"}
@@ -43,7 +47,6 @@ def load(path: str | Path) -> dict:
 
 def check(config: dict[str, Any]) -> list[str]:
     """Every problem found (empty when the config is good)."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
 
     problems: list[str] = []
     prepared = config
@@ -201,7 +204,6 @@ def _ray_start(config: dict) -> list[str]:
 
 
 def _images(config: dict) -> list[str]:
-    import ray
 
     found = []
     docker = config.get("docker") or {}

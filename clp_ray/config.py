@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from clp_ray.errors import ConfigError
+from clp_ray.moe_spec import ROUTER_DEFAULTS, TopOneGate
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,11 @@ class ModelConfig(_Section):
 
 
 class RouterConfig(_Section):
-    balance_coef: float = Field(0.01, ge=0)
-    z_coef: float = Field(0.001, ge=0)
-    jitter: float = Field(0.0, ge=0, lt=1)
-    # top-1 gate: straight_through keeps the forward pass equal to the dense model at init while
-    # still training the router; switch multiplies by the raw probability (Switch Transformer).
-    top1_gate: Literal["straight_through", "switch"] = "straight_through"
+    # Defaults and meaning: clp_ray.moe_spec.RouterSettings (declared once, for every MoE entry point).
+    balance_coef: float = Field(ROUTER_DEFAULTS.balance_coef, ge=0)
+    z_coef: float = Field(ROUTER_DEFAULTS.z_coef, ge=0)
+    jitter: float = Field(ROUTER_DEFAULTS.jitter, ge=0, lt=1)
+    top1_gate: TopOneGate = ROUTER_DEFAULTS.top1_gate
 
 
 class MoEConfig(_Section):
@@ -101,7 +101,8 @@ class MoEConfig(_Section):
     site: Literal["intermediate", "output"] = "intermediate"
     num_experts: int = Field(2, ge=1, le=64)
     top_k: int = Field(1, ge=1)
-    train_only: Literal["moe", "ffn", "all"] = "moe"
+    # moe: experts + routers; site: moe.site of moe.layers (dense or MoE); ffn: every FFN; all
+    train_only: Literal["moe", "site", "ffn", "all"] = "moe"
     router: RouterConfig = RouterConfig()
 
     @model_validator(mode="after")
@@ -274,6 +275,50 @@ class RayConfig(_Section):
     autoscaling: bool = False
 
 
+ARM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+METRIC_NAMES = ("ndcg@10", "ndcg@5", "recall@100", "mrr@10")
+
+
+class ArmConfig(_Section):
+    """One arm of the ablation: a name and the config overrides that make it (dotted keys, or
+    nested mappings); ``train: false`` evaluates the model as loaded."""
+
+    name: str = Field(pattern=ARM_NAME)
+    train: bool = True
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+def _paper_arms() -> list[ArmConfig]:
+    return [ArmConfig(name="base", train=False),
+            ArmConfig(name="cl", overrides={"loss.lam": 0.0, "moe.enabled": False}),
+            ArmConfig(name="clp", overrides={"moe.enabled": False}),
+            ArmConfig(name="clp_moe", overrides={"moe.enabled": True})]
+
+
+class AblationConfig(_Section):
+    """``jobs/ablate.py``: the arms, seeds per trained arm, the metrics of the table (the first one
+    is the table's Δ column and the plot's), and the arm every other one is compared against."""
+
+    arms: list[ArmConfig] = Field(default_factory=_paper_arms, min_length=1)
+    seeds: int = Field(3, ge=1, le=100)
+    metrics: list[Literal["ndcg@10", "ndcg@5", "recall@100", "mrr@10"]] = Field(
+        default_factory=lambda: list(METRIC_NAMES), min_length=1)
+    baseline_arm: str = "cl"
+    max_concurrent_runs: Optional[int] = Field(None, ge=1)  # None: as many as the cluster holds
+
+    @model_validator(mode="after")
+    def _arms_consistent(self) -> AblationConfig:
+        names = [a.name for a in self.arms]
+        dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if dup:
+            raise ValueError(f"duplicate arm name {dup!r}")
+        if self.baseline_arm not in names:
+            raise ValueError(f"ablation.baseline_arm {self.baseline_arm!r} is not an arm (arms: {', '.join(names)})")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("ablation.metrics lists a metric twice")
+        return self
+
+
 class ExperimentConfig(_Section):
     # It names runs, output folders, MLflow experiments and registered models: no path characters.
     lang: str = Field("hi", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -288,6 +333,7 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = EvalConfig()
     mining: MiningConfig = MiningConfig()
     ray: RayConfig = RayConfig()
+    ablation: AblationConfig = AblationConfig()
 
     # Per dotted key, the file:line or --set that wrote it (set by load_config). Not part of the
     # config's value: equality, the hash and the dump ignore it; a config rebuilt from a dict has none.
@@ -309,6 +355,11 @@ class ExperimentConfig(_Section):
             return shown
         # The exact key only: a section header's line would be wrong for a key left to its default.
         return f"{shown} ({self._where.get(key, 'defaults')})"
+
+    def origin(self, key: str) -> str:
+        """Where ``key`` was set: ``configs/base.yaml:28``, ``--set ...``, ``defaults``; ``config``
+        when unknown (a config rebuilt from a dict)."""
+        return "config" if self._where is None else self._where.get(key, "defaults")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -524,6 +575,25 @@ def build_config(layers: list[_Layer]) -> ExperimentConfig:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     cfg._where = where
     return cfg
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: dict[str, Any], origin: str) -> ExperimentConfig:
+    """``cfg`` with ``overrides`` (``{"loss.lam": 0.0}`` or nested mappings) applied and validated
+    as a ``--set`` would be; errors name ``origin`` and the key path."""
+    data: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        if not all(parts):
+            raise ConfigError(f"{origin}: {key!r}: expected a dotted key")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{origin}: {key}: conflicts with another override of {part}")
+        node[parts[-1]] = value
+        where.update({".".join(parts[: i + 1]): origin for i in range(len(parts))})
+    return build_config([_Layer(cfg.to_dict(), dict(cfg._where or {})), _Layer(data, where, user_set=True)])
 
 
 def _unknown(kind: str, name: str, folder: Path, known: list[str]) -> ConfigError:

@@ -30,9 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import datasets
+import fsspec
+import torch
+
 from clp_ray.atomic import atomic_path
 from clp_ray.config import resolve_path
 from clp_ray.errors import DataError
+from clp_ray.evaluation import RetrievalSet
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +106,6 @@ _BOM = b"\xef\xbb\xbf"
 def expand_paths(paths: Sequence[str]) -> list[str]:
     """Files named directly, plus every ``*.jsonl`` / ``*.jsonl.gz`` under a named folder
     (recursively, sorted); local or fsspec."""
-    import fsspec
 
     if not paths:
         raise DataError("no training data given (data.train_paths is empty)")
@@ -128,7 +132,6 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
 
 def _open(path: str):
     """A binary reader of ``path``; ``*.gz`` files are decompressed on the fly."""
-    import fsspec
 
     return fsspec.open(path, "rb", compression="gzip" if path.endswith(".gz") else None).open()
 
@@ -436,21 +439,18 @@ def _good_records(files: list[str], lam: float, group_size: int, max_line_bytes:
 
 
 def _features():
-    from datasets import Features, Sequence, Value
 
-    return Features({
-        "query": Value("string"), "pos": Sequence(Value("string")), "neg": Sequence(Value("string")),
-        "neg_q": Sequence(Value("string")), "pos_scores": Sequence(Value("float32")),
-        "neg_scores": Sequence(Value("float32")),
-    })
+    string, floats = datasets.Value("string"), datasets.Sequence(datasets.Value("float32"))
+    strings = datasets.Sequence(string)
+    return datasets.Features({"query": string, "pos": strings, "neg": strings, "neg_q": strings,
+                              "pos_scores": floats, "neg_scores": floats})
 
 
 def load_records(report: ValidationReport, *, lam: float, group_size: int, max_line_bytes: int, cache_dir: Optional[str] = None):
     """The good records of a validated report as a memory-mapped ``datasets.Dataset`` (cached by
     the data's content hash)."""
-    from datasets import Dataset
 
-    return Dataset.from_generator(
+    return datasets.Dataset.from_generator(
         _good_records,
         # A tuple: datasets would split a list into shards scanned apart, and duplicates across
         # files would no longer be seen as such.
@@ -505,7 +505,6 @@ def split_train_dev(ds, fraction: float, seed: int, by: str = "queries"):
 def dev_retrieval_set(dev_ds):
     """A retrieval set from held-out CLP records: their queries, and a corpus of all their
     positives and negatives (the positives are the relevant documents)."""
-    from clp_ray.evaluation import RetrievalSet
 
     corpus: dict[str, str] = {}
     ids: dict[str, str] = {}
@@ -635,7 +634,6 @@ class Collator:
         if not self.bucket_size:
             return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_len,
                                        return_tensors="pt", return_token_type_ids=False))
-        import torch
 
         enc = self.tokenizer(texts, truncation=True, max_length=max_len, return_token_type_ids=False,
                              return_attention_mask=False)["input_ids"]

@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import ir_measures
 import torch
+from scipy import stats
+from tqdm.auto import tqdm
 
-from clp_ray.atomic import atomic_path
+from clp_ray import miracl
+from clp_ray.atomic import atomic_path, write_json
 from clp_ray.config import resolve_path
 from clp_ray.errors import DataError
 
@@ -201,9 +205,9 @@ def load_beir_files(corpus_file: str | os.PathLike, queries_file: str | os.PathL
 def load_miracl(lang: str, split: str = "dev", *, root: Optional[str] = None) -> RetrievalSet:
     """MIRACL ``lang``/``split`` from its published files (the hub by default; ``root``: a folder
     or fsspec URL with the same layout). Fails with a clear message when it cannot be reached."""
-    from clp_ray import miracl
 
-    return miracl.load(lang, split, root or miracl.HUB_ROOT)
+    corpus, queries, qrels = miracl.load(lang, split, root or miracl.HUB_ROOT)
+    return RetrievalSet(corpus=corpus, queries=queries, qrels=qrels, name=f"miracl-{lang}/{split}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +228,6 @@ def exact_search(
     all_scores, all_idx = [], []
     starts = range(0, queries.shape[0], query_chunk)
     if show_progress:
-        from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="search", unit="query block")
     for qs in starts:
@@ -245,7 +248,6 @@ def exact_search(
 def score_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Mean and per-query metrics of a run through ir_measures. Queries missing from the run
     score 0 (ir_measures would silently skip them)."""
-    import ir_measures
 
     measures = {name: ir_measures.parse_measure(m) for name, m in METRICS.items()}
     by_measure = {m: name for name, m in measures.items()}
@@ -296,7 +298,6 @@ def evaluate(
 
 def save_result(res: EvalResult, path: str | os.PathLike) -> Path:
     """Metrics and per-query scores (not the run) as JSON, atomically."""
-    from clp_ray.atomic import write_json
 
     return write_json(path, {"metrics": res.metrics, "per_query": res.per_query, "num_queries": res.num_queries,
                              "num_docs": res.num_docs})
@@ -323,7 +324,6 @@ class Comparison:
 
 def compare(a: EvalResult, b: EvalResult, metric: str = "ndcg@10") -> Comparison:
     """Two-sided paired t-test (scipy) on per-query scores of the same queries."""
-    from scipy import stats
 
     qa, qb = a.per_query[metric], b.per_query[metric]
     if set(qa) != set(qb):

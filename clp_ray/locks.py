@@ -14,11 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from clp_ray.errors import ClpRayError
+from clp_ray.tiny import cache_root
 
 
 def lock_file(kind: str, *keys: str) -> Path:
     """A lock file under ``$CLP_RAY_CACHE/locks`` named by ``kind`` and a hash of ``keys``."""
-    from clp_ray.tiny import cache_root
 
     folder = cache_root() / "locks"
     folder.mkdir(parents=True, exist_ok=True)

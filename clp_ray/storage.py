@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import pyarrow.fs as pafs
+
 
 def is_uri(path: str) -> bool:
     return "://" in path
@@ -43,13 +45,11 @@ def join(loc: str, name: str) -> str:
 
 def filesystem(loc: str):
     """(pyarrow filesystem, path in it) of a local path or URI."""
-    import pyarrow.fs as pafs
 
     return pafs.FileSystem.from_uri(loc) if is_uri(loc) else (pafs.LocalFileSystem(), os.path.abspath(loc))
 
 
 def folder_exists(loc: str) -> bool:
-    import pyarrow.fs as pafs
 
     fs, path = filesystem(loc)
     return fs.get_file_info(path).type == pafs.FileType.Directory
@@ -58,7 +58,6 @@ def folder_exists(loc: str) -> bool:
 def local_folder(loc: str, cache_dir: str | os.PathLike) -> Path:
     """``loc`` itself when it is local; else a copy under ``cache_dir``, downloaded once (a
     checkpoint never changes under its path) and atomically (temp folder + rename)."""
-    import pyarrow.fs as pafs
 
     if not is_uri(loc):
         return Path(loc)
@@ -83,7 +82,6 @@ def local_folder(loc: str, cache_dir: str | os.PathLike) -> Path:
 def move_aside(loc: str, new_name: str) -> Optional[str]:
     """Rename the folder ``loc`` to ``new_name`` in the same parent; returns its new location, or
     None when nothing is there."""
-    import pyarrow.fs as pafs
 
     fs, path = filesystem(loc)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:

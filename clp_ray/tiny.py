@@ -16,6 +16,10 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+
 from clp_ray.atomic import atomic_path
 from clp_ray.config import ASSETS_DIR, TinyModelConfig
 from clp_ray.model_settings import META_FILE
@@ -58,9 +62,6 @@ def _file_digest(path: Path) -> str:
 
 
 def _build(spec: TinyModelConfig, out: Path) -> None:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)

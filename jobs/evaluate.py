@@ -22,9 +22,10 @@ log = logging.getLogger("clp_ray.evaluate")
 
 
 def main(args) -> dict:
+    # The library (torch, Ray, MLflow) is imported here, not at the top: --help and bad arguments answer at once.
     from clp_ray.errors import ClpRayError
     from clp_ray.evaluation import compare, evaluate, format_metrics, load_beir
-    from clp_ray.modeling import load_model_ref
+    from clp_ray.model_refs import load_model_ref
     from clp_ray.tracking import tracking_uri
 
     cfg = config_from_args(args)

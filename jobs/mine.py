@@ -22,12 +22,14 @@ log = logging.getLogger("clp_ray.mine")
 
 
 def main(args) -> dict:
+    # The library (torch, Ray, MLflow) is imported here, not at the top: --help and bad arguments answer at once.
     from clp_ray.data import validate
     from clp_ray.errors import ClpRayError
     from clp_ray.evaluation import load_beir, load_beir_files
     from clp_ray.mining import encode_with_ray_data, mine, search_with_ray_data, write_records
-    from clp_ray.modeling import load_model_ref, resolve_source
+    from clp_ray.model_refs import load_model_ref, resolve_source
     from clp_ray.tracking import tracking_uri
+    from clp_ray.train import ensure_ray
 
     # A model named with --model gets its own folder's settings; only --set values overrule them.
     cfg = config_from_args(args, model=args.model)
@@ -49,8 +51,6 @@ def main(args) -> dict:
     log.info("mining %d queries against %d passages with %s (%s engine)", len(qids), len(doc_ids), model_ref, m.engine)
     search = None
     if m.engine == "ray":
-        from clp_ray.training import ensure_ray
-
         ensure_ray(cfg)
         kw = {"batch_size": cfg.eval.batch_size, "concurrency": m.actors, "use_gpu": cfg.ray.use_gpu,
               "model_cfg": cfg.model, "tracking_uri": store}

@@ -19,8 +19,9 @@ log = logging.getLogger("clp_ray.train")
 
 
 def main(args) -> dict:
+    # The library (torch, Ray, MLflow) is imported here, not at the top: --help and bad arguments answer at once.
     from clp_ray.redact import redact
-    from clp_ray.training import run_training
+    from clp_ray.train import run_training
 
     cfg = config_from_args(args)
     result = run_training(cfg)
@@ -40,5 +41,9 @@ def main(args) -> dict:
             "mlflow_run_id": result.mlflow_run_id, "data_files": result.data_files}
 
 
+def parser():
+    return experiment_parser(__doc__.splitlines()[0])
+
+
 if __name__ == "__main__":
-    sys.exit(run_job(main, experiment_parser(__doc__.splitlines()[0]).parse_args()))
+    sys.exit(run_job(main, parser().parse_args()))

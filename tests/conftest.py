@@ -74,3 +74,41 @@ def make_encoder(kind: str, hidden: int, layers: int, intermediate: int, seed: i
               attention_probs_dropout_prob=0.0)
     torch.manual_seed(seed)
     return AutoModel.from_config(cfg, add_pooling_layer=False)
+
+
+def run_in_process(script: str, *args: str):
+    """``python jobs/<script> ARGS`` inside the test process: the same ``run_job`` path (argument
+    parsing, exit codes, one message on stderr) without ~8 s of imports per call. For calls that end
+    before Ray starts — asserted when no earlier test left Ray running — and that need no
+    environment read at import time (HF_*_OFFLINE); those stay subprocesses."""
+    import contextlib
+    import importlib.util
+    import io
+    import subprocess
+    from pathlib import Path
+
+    import ray
+
+    from clp_ray.cli import run_job
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(f"_job_{Path(script).stem}", root / "jobs" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err = io.StringIO(), io.StringIO()
+    ray_before = ray.is_initialized()  # e.g. a module-scoped Ray fixture of the calling test's file
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = run_job(module.main, module.parser().parse_args(list(args)))
+            except SystemExit as e:  # argparse's usage errors
+                rc = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(cwd)
+    started = ray.is_initialized() and not ray_before
+    if started:
+        ray.shutdown()
+    assert not started, f"jobs/{script} {' '.join(args)} started Ray: run it as a subprocess"
+    return subprocess.CompletedProcess([script, *args], rc, out.getvalue(), err.getvalue())

@@ -1,6 +1,7 @@
 """The MoE benchmarks run end to end (tiny shapes) and print their rows of ratios."""
 
 import importlib.util
+import json
 import math
 import os
 import random
@@ -14,9 +15,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_moe_overhead_benchmark_prints_every_row():
+def test_moe_overhead_benchmark_prints_every_row(tmp_path):
     run = subprocess.run([sys.executable, "benchmarks/moe_overhead.py", "--hidden", "16", "--intermediate", "32",
-                          "--tokens", "64", "--repeats", "3", "--threads", "1"],
+                          "--tokens", "64", "--repeats", "3", "--threads", "1", "--summary", str(tmp_path / "s.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "caching allocator" in run.stdout and "1 threads" in run.stdout
@@ -30,7 +31,13 @@ def test_moe_overhead_benchmark_prints_every_row():
         assert len(ratios) == 3 and all(v > 0 for v in ratios)
         lo, hi = map(float, re.fullmatch(r"(\d+\.\d+)-(\d+\.\d+)", r[5]).groups())  # the FFN ratio's CI
         assert lo <= ratios[0] <= hi
-    assert re.search(r"targets .*: (PASS|FAIL)$", run.stdout.strip())
+    verdict = re.search(r"targets .*: (PASS|FAIL)$", run.stdout.strip()).group(1)
+    summary = json.loads((tmp_path / "s.json").read_text())  # the same rows and verdict, machine-readable
+    assert summary["targets_met"] == (verdict == "PASS") and summary["tokens"] == 64
+    assert [(r["experts"], r["top_k"]) for r in summary["rows"]] == [(e, k) for e in (2, 4, 8) for k in (1, 2)]
+    for printed, row in zip(rows, summary["rows"]):
+        assert float(printed[4].rstrip("x")) == round(row["ffn_ratio"], 4)
+        assert row["ffn_ratio_ci95"][0] <= row["ffn_ratio"] <= row["ffn_ratio_ci95"][1]
 
 
 def load_moe_overhead():
@@ -79,10 +86,11 @@ def test_moe_overhead_benchmark_rejects_bad_round_counts():
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
-def test_moe_step_benchmark_prints_each_policy_and_expert_count():
+def test_moe_step_benchmark_prints_each_policy_and_expert_count(tmp_path):
     run = subprocess.run([sys.executable, "benchmarks/moe_step.py", "--device", "cpu", "--dtype", "fp32",
                           "--batch", "2", "--seq", "8", "--layers", "2", "--hidden", "64", "--intermediate", "128",
-                          "--experts", "2", "4", "--repeats", "2", "--min-length", "2"],
+                          "--experts", "2", "4", "--repeats", "2", "--min-length", "2",
+                          "--summary", str(tmp_path / "s.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     padding = int(re.search(r"2x8 tokens \((\d+)% padding\)", run.stdout).group(1))
@@ -91,6 +99,9 @@ def test_moe_step_benchmark_prints_each_policy_and_expert_count():
     rows = [line.split() for line in run.stdout.splitlines() if re.match(r"\s*(moe|all)\s+\d", line)]
     assert [(r[0], r[1]) for r in rows] == [("moe", "2"), ("moe", "4"), ("all", "2"), ("all", "4")]
     assert all(float(r[-1].rstrip("x")) > 0 for r in rows)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert [(r["train_only"], r["experts"]) for r in summary["rows"]] == [("moe", 2), ("moe", 4), ("all", 2), ("all", 4)]
+    assert [float(r[-1].rstrip("x")) for r in rows] == [round(r["ratio"], 3) for r in summary["rows"]]
 
 
 def test_moe_step_benchmark_rejects_bad_sizes_and_a_missing_gpu():

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from clp_ray.config import ModelConfig, MoEConfig, TinyModelConfig
-from clp_ray.modeling import Embedder, load_embedder
+from clp_ray.model_refs import load_embedder
+from clp_ray.modeling import Embedder
 from clp_ray.tiny import tiny_model_path
 
 TEXTS = ["셀 보호 해제", "Insert rows above", "페이지 번호 삽입하기", "a much longer passage " * 20]
@@ -99,7 +100,7 @@ def test_absolute_model_ref(tiny_path, tmp_path, monkeypatch):
     import shutil
 
     from clp_ray.errors import ClpRayError
-    from clp_ray.modeling import absolute_model_ref
+    from clp_ray.model_refs import absolute_model_ref
 
     shutil.copytree(tiny_path, tmp_path / "m")
     (tmp_path / "empty").mkdir()

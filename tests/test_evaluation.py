@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_in_process
 
 from clp_ray.errors import DataError
 from clp_ray.evaluation import EvalResult, compare, exact_search, load_beir, score_run, write_trec_run
@@ -162,21 +163,21 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_embedder):
 
 
 def test_evaluate_job_bad_input_exits_2(tmp_path):
-    p = run_job("--model", "tiny", "--data", str(tmp_path / "nope"))
+    p = run_in_process("evaluate.py", "--model", "tiny", "--data", str(tmp_path / "nope"))
     assert p.returncode == 2 and "evaluation data folder not found" in p.stderr and "Traceback" not in p.stderr
-    p = run_job("--model", str(tmp_path / "no-model"), "--data", "pkg://ko_help")
+    p = run_in_process("evaluate.py", "--model", str(tmp_path / "no-model"), "--data", "pkg://ko_help")
     assert p.returncode == 2 and "not found" in p.stderr and "Traceback" not in p.stderr
-    p = run_job("--lang", "xx", "--model", "tiny")
+    p = run_in_process("evaluate.py", "--lang", "xx", "--model", "tiny")
     assert p.returncode == 2 and "known languages: fa, hi, ko" in p.stderr
-    p = run_job("--lang", "hi", "--set", "eval.batch_size=0", "--print-config")
+    p = run_in_process("evaluate.py", "--lang", "hi", "--set", "eval.batch_size=0", "--print-config")
     assert p.returncode == 2 and "--set eval.batch_size=0: eval.batch_size: Input should be greater than or equal to 1" in p.stderr
-    p = run_job("--lang", "hi", "--profile", "tiny", "--print-config")
+    p = run_in_process("evaluate.py", "--lang", "hi", "--profile", "tiny", "--print-config")
     assert p.returncode == 0 and "name_or_path: tiny" in p.stdout and "data_dir: pkg://ko_help" in p.stdout
     # Outputs that cannot be written fail before the work, not after it (here: a path below a file).
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     for flag in ("--summary", "--run-file"):
-        p = run_job("--model", "tiny", "--data", "pkg://ko_help", flag, str(blocker / "out.json"))
+        p = run_in_process("evaluate.py", "--model", "tiny", "--data", "pkg://ko_help", flag, str(blocker / "out.json"))
         assert p.returncode == 2 and "Traceback" not in p.stderr and "evaluation set" not in p.stderr
         assert f"error: {flag}: cannot write to {blocker / 'out.json'} ({blocker} is a file, not a folder)" in p.stderr
 

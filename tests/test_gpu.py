@@ -229,9 +229,12 @@ def test_deepspeed_bf16_engine_trains_only_moe_and_saves_it_on_gpu(stage, nccl_g
     import deepspeed
 
     from clp_ray.config import load_config
-    from clp_ray.modeling import Embedder, load_embedder
+    from clp_ray.model_refs import load_embedder
+    from clp_ray.modeling import Embedder
     from clp_ray.moe import apply_train_only, moe_layers
-    from clp_ray.training import CLPTrainingModule, _save_final_model, _to, build_engine, deepspeed_config
+    from clp_ray.objective import CLPObjective
+    from clp_ray.train import build_engine, deepspeed_config, save_final_model
+    from clp_ray.train.engine import to_device
 
     cfg = load_config("hi", "tiny", [
         f"deepspeed.stage={stage}", "train.precision=bf16", "ray.use_gpu=true", "ray.gpus_per_worker=1",
@@ -243,7 +246,7 @@ def test_deepspeed_bf16_engine_trains_only_moe_and_saves_it_on_gpu(stage, nccl_g
     before = {n: p.detach().clone() for n, p in embedder.named_parameters()}
     trained = {n for n, p in embedder.named_parameters() if p.requires_grad}
     assert trained and all(".dense.experts." in n or ".dense.router." in n for n in trained)
-    module = CLPTrainingModule(embedder, cfg.loss.temperature, cfg.loss.lam, cross_device=True)
+    module = CLPObjective(embedder, cfg.loss.temperature, cfg.loss.lam, cross_device=True)
     ds = deepspeed_config(cfg, world_size=1)
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == stage
     steps = 12
@@ -255,11 +258,11 @@ def test_deepspeed_bf16_engine_trains_only_moe_and_saves_it_on_gpu(stage, nccl_g
     dev = engine.device
     losses = []
     for _ in range(steps):
-        loss, parts, r_loss, _ = engine(_to(batch["query"], dev), _to(batch["passage"], dev), _to(batch["neg_query"], dev))
-        engine.backward(loss)
+        out = engine(to_device(batch["query"], dev), to_device(batch["passage"], dev), to_device(batch["neg_query"], dev))
+        engine.backward(out.loss)
         engine.step()
-        losses.append(float(loss.detach()))
-        assert parts.penalty > 0 and r_loss > 0
+        losses.append(float(out.loss.detach()))
+        assert out.penalty > 0 and out.router_loss > 0
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.9 * losses[0], losses
     assert dtypes and set(dtypes) == {torch.float32}
@@ -275,9 +278,9 @@ def test_deepspeed_bf16_engine_trains_only_moe_and_saves_it_on_gpu(stage, nccl_g
                 assert torch.equal(p, start), f"frozen {n} changed"
 
     out = tmp_path / "model"
-    _save_final_model(embedder, out, rank=0, stage3=stage == 3)
+    save_final_model(embedder, out, rank=0, stage3=stage == 3)
     engine.eval()
-    enc = _to(embedder.tokenize(TEXTS), dev)
+    enc = to_device(embedder.tokenize(TEXTS), dev)
     with torch.no_grad():
         in_engine = embedder(**enc).float()
         reloaded = Embedder.from_pretrained(out).to(dev, torch.bfloat16)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_in_process
 
 from clp_ray.config import GeneratorConfig, MiningConfig
 from clp_ray.mining import QueryGenerator, mine, select_negatives
@@ -200,8 +201,10 @@ def test_mine_job_output_validates_and_trains(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads(summary.read_text())
     assert s["written"] > 100 and s["neg_q_from_qrels"] == s["negatives"] and s["negatives_dropped"] > 0
-    check = subprocess.run([sys.executable, "-m", "clp_ray.data", str(out), "--lam", "0.1"], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout[-2000:]
+    from clp_ray.data import validate
+
+    report = validate([str(out)], lam=0.1, group_size=2)  # what `python -m clp_ray.data OUT --lam 0.1` checks
+    assert report.bad == 0 and report.good == s["written"]
     # The same job with encoding and search as Ray Data batch jobs.
     p = subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "tiny", "--model", "tiny",
                         "--corpus", str(assets / "corpus.jsonl"), "--queries", str(assets / "queries.jsonl"),
@@ -230,9 +233,10 @@ def test_ray_data_encoding_and_search_match_local(tiny_path, tmp_path):
     from clp_ray.evaluation import exact_search, load_beir
     from clp_ray.mining import encode_with_ray_data, search_with_ray_data
     from clp_ray.modeling import Embedder
+    from clp_ray.registry import log_embedder_model
     from clp_ray.tiny import tiny_model_path
-    from clp_ray.tracking import log_embedder_model, start_run
-    from clp_ray.training import ensure_ray
+    from clp_ray.tracking import start_run
+    from clp_ray.train import ensure_ray
 
     texts = list(load_beir("pkg://ko_help", "dev").corpus.values())[:200]
     local = Embedder.from_pretrained(tiny_path).encode(texts, batch_size=32, max_length=128)
@@ -275,6 +279,9 @@ def test_mine_job_inputs_and_errors(tmp_path):
     def job(*args, env=None):
         import os
 
+        if env is None:  # in this process: no Ray, and no environment read at import time
+            return run_in_process("mine.py", "--lang", "hi", "--profile", "tiny", "--model", "tiny",
+                                  "--out", str(tmp_path / "o.jsonl"), *args)
         return subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "tiny", "--model", "tiny",
                                "--out", str(tmp_path / "o.jsonl"), *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=300, env={**os.environ, **(env or {})})

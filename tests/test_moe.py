@@ -271,6 +271,24 @@ def test_train_only_policies_and_optimizer_state(policy):
             assert torch.equal(p, frozen_before[n]), n
 
 
+@pytest.mark.parametrize("site", ["intermediate", "output"])
+def test_train_only_site_trains_the_weights_upcycling_replaces(site):
+    dense = Embedder(make_encoder("bert", 48, 3, 96), None)
+    trainable, _ = apply_train_only(dense, "site", layers=[-1], site=site)
+    names = {n for n, p in dense.named_parameters() if p.requires_grad}
+    assert names == {f"encoder.encoder.layer.2.{site}.dense.weight", f"encoder.encoder.layer.2.{site}.dense.bias"}
+    layer = dense.encoder.encoder.layer[2]
+    assert trainable == sum(p.numel() for p in getattr(layer, site).dense.parameters())
+    moe = Embedder(make_encoder("bert", 48, 3, 96), None)
+    moe.upcycle([2], site=site, num_experts=2)
+    apply_train_only(moe, "site", layers=[2], site=site)
+    moe_names = {n for n, p in moe.named_parameters() if p.requires_grad}
+    assert moe_names == {n for n, p in moe.named_parameters() if f"layer.2.{site}.dense." in n}  # experts + router
+    assert any("router" in n for n in moe_names) and any("experts" in n for n in moe_names)
+    with pytest.raises(ValueError, match="needs the layers"):
+        apply_train_only(dense, "site")
+
+
 def test_train_only_moe_without_moe_layers_is_an_error():
     with pytest.raises(ValueError, match="no MoE layers"):
         apply_train_only(make_encoder("bert", 48, 2, 96), "moe")

@@ -43,15 +43,13 @@ def test_folder_carries_the_prefixes(emb):
 
 def test_training_batches_prefix_queries_passages_and_neg_q(emb):
     from clp_ray.data import Collator, Group
-    from clp_ray.training import CLPTrainingModule
+    from clp_ray.objective import CLPObjective
 
     groups = [Group(q, [p, PASSAGES[(i + 1) % 3]], [QUERIES[(i + 1) % 3]]) for i, (q, p) in enumerate(zip(QUERIES, PASSAGES))]
     batch = Collator.for_embedder(emb, bucket_size=2)(groups)
-    module = CLPTrainingModule(emb, temperature=0.05, lam=0.1, cross_device=False).eval()
+    module = CLPObjective(emb, temperature=0.05, lam=0.1, cross_device=False).eval()
     with torch.no_grad():
-        q = module._encode(batch["query"], {"router_loss": 0.0, "calls": 0, "stats": {}, "collect_stats": False})
-        p = module._encode(batch["passage"], {"router_loss": 0.0, "calls": 0, "stats": {}, "collect_stats": False})
-        nq = module._encode(batch["neg_query"], {"router_loss": 0.0, "calls": 0, "stats": {}, "collect_stats": False})
+        q, p, nq = (module.encode(batch[k]).emb for k in ("query", "passage", "neg_query"))
     torch.testing.assert_close(q, by_hand(emb, QUERIES, QP, "query"), rtol=0, atol=1e-5)
     torch.testing.assert_close(p, by_hand(emb, [t for g in groups for t in g.passages], PP, "passage"), rtol=0, atol=1e-5)
     torch.testing.assert_close(nq, by_hand(emb, [g.neg_queries[0] for g in groups], QP, "query"), rtol=0, atol=1e-5)
@@ -80,7 +78,8 @@ def test_registered_pyfunc_prefixes(prefix_folder, emb, tmp_path, monkeypatch):
     import mlflow
 
     from clp_ray.config import load_config
-    from clp_ray.tracking import log_embedder_model, start_run
+    from clp_ray.registry import log_embedder_model
+    from clp_ray.tracking import start_run
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config("hi", "tiny", [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])

@@ -82,7 +82,7 @@ def test_a_second_identical_run_is_refused_while_the_first_runs(tmp_path, small_
     from clp_ray.config import load_config
     from clp_ray.errors import ClpRayError
     from clp_ray.locks import exclusive
-    from clp_ray.training import prepare, run_lock, run_training
+    from clp_ray.train import prepare, run_lock, run_training
 
     cfg = load_config("hi", "tiny", [f"data.train_paths=[{small_data}]", "data.train_group_size=2",
                                      f"train.output_dir={tmp_path / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
@@ -96,8 +96,8 @@ def test_a_second_identical_run_is_refused_while_the_first_runs(tmp_path, small_
 
 def test_run_names_follow_the_data(tmp_path, small_data):
     from clp_ray.config import load_config
-    from clp_ray.search import sweep_name
-    from clp_ray.training import prepare
+    from clp_ray.train import prepare
+    from clp_ray.tune import sweep_name
 
     sets = ["data.train_group_size=2", f"train.output_dir={tmp_path / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
     data = tmp_path / "train.jsonl"
@@ -116,7 +116,7 @@ def test_the_refusal_comes_before_any_cluster_work(tmp_path, small_data):
 
     from clp_ray.config import load_config
     from clp_ray.errors import ClpRayError
-    from clp_ray.training import prepare, run_lock, run_training
+    from clp_ray.train import prepare, run_lock, run_training
 
     cfg = load_config("hi", "tiny", [f"data.train_paths=[{small_data}]", "data.train_group_size=2",
                                      f"train.output_dir={tmp_path / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])

@@ -125,7 +125,7 @@ def test_rebuilt_e5_loads_in_sentence_transformers_with_the_same_vectors(e5_fold
 def test_hub_id_without_the_hub_resolves_to_the_rebuilt_folder(e5_folder, monkeypatch):
     import huggingface_hub.constants
 
-    from clp_ray.modeling import _hub_has, resolve_source
+    from clp_ray.model_refs import _hub_has, resolve_source
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     _hub_has.cache_clear()

@@ -11,7 +11,8 @@ import torch
 
 from clp_ray.config import load_config
 from clp_ray.moe import moe_layers
-from clp_ray.tracking import load_registered_embedder, log_embedder_model, promote_if_better, start_run
+from clp_ray.registry import load_registered_embedder, log_embedder_model, promote_if_better
+from clp_ray.tracking import start_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["셀 보호 해제", "Insert rows above", "차트 데이터 범위"]

@@ -5,7 +5,7 @@ import pytest
 
 from clp_ray.config import load_config
 from clp_ray.errors import ConfigError
-from clp_ray.search import SearchSpace, apply_params, check_space, points_to_evaluate
+from clp_ray.tune import SearchSpace, apply_params, check_space, points_to_evaluate
 
 
 def sample(cfg, n=30, layers=4):
@@ -86,7 +86,7 @@ def test_interrupted_tune_run_is_told_apart_from_a_finished_one(tmp_path):
     import ray
     from ray import tune
 
-    from clp_ray.search import unfinished_trials
+    from clp_ray.tune import unfinished_trials
 
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -127,7 +127,7 @@ def test_concurrent_trials_must_fit_the_cluster(monkeypatch):
     import ray
 
     from clp_ray.errors import ConfigError
-    from clp_ray.search import check_concurrency, max_concurrent
+    from clp_ray.tune import check_concurrency, max_concurrent
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     cfg = load_config("hi", "tiny", ["ray.num_cpus=4"])
@@ -142,9 +142,9 @@ def test_concurrent_trials_must_fit_the_cluster(monkeypatch):
 
 
 def test_base_model_test_result_is_cached_per_model_and_set(tmp_path, monkeypatch):
-    import clp_ray.evaluation
+    import clp_ray.tune.job
     from clp_ray.evaluation import RetrievalSet
-    from clp_ray.search import base_model_test
+    from clp_ray.tune import base_model_test
 
     data = RetrievalSet(corpus={"d1": "셀 보호", "d2": "행 삽입", "d3": "차트"}, queries={"q1": "보호", "q2": "삽입"},
                         qrels={"q1": {"d1": 1}, "q2": {"d2": 1}}, name="toy")
@@ -155,7 +155,7 @@ def test_base_model_test_result_is_cached_per_model_and_set(tmp_path, monkeypatc
     def no_evaluation(*a, **k):
         raise AssertionError("evaluated again")
 
-    monkeypatch.setattr(clp_ray.evaluation, "evaluate", no_evaluation)
+    monkeypatch.setattr(clp_ray.tune.job, "evaluate", no_evaluation)
     again = base_model_test(cfg, data)
     assert again.metrics == first.metrics and again.per_query == first.per_query
     other = RetrievalSet(corpus=data.corpus, queries={"q1": "보호"}, qrels={"q1": {"d1": 1}}, name="toy")

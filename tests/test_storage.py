@@ -46,7 +46,7 @@ def test_storage_path_is_absolute_and_checked_before_work(tmp_path, monkeypatch)
 
     from clp_ray.config import load_config
     from clp_ray.errors import ClpRayError
-    from clp_ray.training import check_storage, storage_path
+    from clp_ray.train import check_storage, storage_path
 
     monkeypatch.chdir(tmp_path)
     # A relative folder would be another folder in each worker's working directory.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_in_process
 
 from clp_ray.config import load_config
 from clp_ray.errors import ClpRayError
@@ -20,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def ray_local():
     import ray
 
-    from clp_ray.training import ensure_ray
+    from clp_ray.train import ensure_ray
 
     ensure_ray(load_config("hi", "tiny", ["ray.num_cpus=4"]))
     yield
@@ -36,7 +37,7 @@ def make_cfg(tmp_path, data, *sets):
 
 
 def initial_embedder(cfg):
-    from clp_ray.modeling import load_embedder
+    from clp_ray.model_refs import load_embedder
 
     torch.manual_seed(cfg.train.seed)
     return load_embedder(cfg.model, cfg.moe)
@@ -60,7 +61,7 @@ def dev_metrics_of(model_path, cfg):
 def test_zero_stage_trains_moe_only(stage, tmp_path, small_data, ray_local):
     from mlflow import MlflowClient
 
-    from clp_ray.training import run_training
+    from clp_ray.train import run_training
 
     cfg = make_cfg(tmp_path, small_data, f"deepspeed.stage={stage}", "train.epochs=4", "train.eval_every_steps=10",
                    "moe.train_only=moe",
@@ -101,7 +102,7 @@ def test_zero_stage_trains_moe_only(stage, tmp_path, small_data, ray_local):
 
 def test_fault_injection_resume_and_rerun(tmp_path, small_data, ray_local, tiny_path, monkeypatch):
     from clp_ray.modeling import Embedder
-    from clp_ray.training import run_training
+    from clp_ray.train import run_training
 
     # The model is a relative folder (a copy of the tiny one): the Train workers run in another
     # working directory, so this only works because the driver makes the path absolute.
@@ -138,36 +139,42 @@ def run_train_job(*args):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
+def train_in_process(*args):
+    """jobs/train.py in this process (``run_in_process`` asserts that Ray never started)."""
+    return run_in_process("train.py", "--lang", "hi", "--profile", "tiny", *args)
+
+
 def test_bad_input_fails_before_workers_start(tmp_path):
     p = run_train_job("--set", f"data.train_paths=[{tmp_path / 'missing.jsonl'}]")
     assert p.returncode == 2 and "missing.jsonl: no such file or folder" in p.stderr
     assert "Traceback" not in p.stderr and "RayTrainWorker" not in p.stderr
+    assert "Started a local Ray instance" not in p.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "pos": ["p"], "neg": ["n"], "neg_q": ["m"]}\n{"query": ""}\n')
-    p = run_train_job("--set", f"data.train_paths=[{bad}]")
+    p = train_in_process("--set", f"data.train_paths=[{bad}]")
     assert p.returncode == 2 and f"{bad}:2: query: empty string" in p.stderr
     # The model's layer count is known on the driver: a bad MoE layer index fails before Ray starts.
-    p = run_train_job("--set", "moe.layers=[0, 4]")
+    p = train_in_process("--set", "moe.layers=[0, 4]")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "RayTrainWorker" not in p.stderr
     assert ("error: moe.layers = [0, 4] (--set moe.layers=[0, 4]): MoE layer index 4 is out of range for an "
             "encoder with 4 layers (valid: 0..3 or -4..-1); model.name_or_path = tiny (configs/profiles/tiny.yaml:") in p.stderr
     (tmp_path / "a-file").write_text("")
-    p = run_train_job("--set", f"train.output_dir={tmp_path / 'a-file' / 'runs'}")
+    p = train_in_process("--set", f"train.output_dir={tmp_path / 'a-file' / 'runs'}")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "Started a local Ray instance" not in p.stderr
     assert (f"error: train.output_dir = {tmp_path / 'a-file' / 'runs'} (--set train.output_dir={tmp_path / 'a-file' / 'runs'}): "
             f"cannot write to {tmp_path / 'a-file' / 'runs'} ({tmp_path / 'a-file'} is a file, not a folder)") in p.stderr
-    p = run_train_job("--set", f"model.name_or_path={tmp_path / 'no-model'}")
+    p = train_in_process("--set", f"model.name_or_path={tmp_path / 'no-model'}")
     assert p.returncode == 2 and "Started a local Ray instance" not in p.stderr
     assert (f"error: model.name_or_path = {tmp_path / 'no-model'} (--set model.name_or_path={tmp_path / 'no-model'}): "
             f"model folder {tmp_path / 'no-model'} not found") in p.stderr
-    p = run_train_job("--set", f"model.name_or_path={tmp_path}")
+    p = train_in_process("--set", f"model.name_or_path={tmp_path}")
     assert p.returncode == 2 and f"{tmp_path} is not a model folder: it has no config.json" in p.stderr
     assert "Started a local Ray instance" not in p.stderr
     # The MLflow store and the run storage are checked by the job itself, before Ray starts.
-    p = run_train_job("--set", "tracking.tracking_uri=bogus://x")
+    p = train_in_process("--set", "tracking.tracking_uri=bogus://x")
     assert p.returncode == 2 and "Started a local Ray instance" not in p.stderr
     assert "tracking.tracking_uri = bogus://x (--set tracking.tracking_uri=bogus://x): cannot use this MLflow" in p.stderr
-    p = run_train_job("--set", f"train.storage_path={tmp_path / 'a-file' / 'runs'}")
+    p = train_in_process("--set", f"train.storage_path={tmp_path / 'a-file' / 'runs'}")
     assert p.returncode == 2 and "Started a local Ray instance" not in p.stderr
     assert f"cannot write to {tmp_path / 'a-file' / 'runs'} ({tmp_path / 'a-file'} is a file, not a folder)" in p.stderr
     p = run_train_job("--set", "ray.num_workers=64", "--set", "ray.num_cpus=2", "--set", f"train.output_dir={tmp_path}",
@@ -179,7 +186,7 @@ def test_bad_input_fails_before_workers_start(tmp_path):
 
 def test_deepspeed_config_fills_auto_values_and_rejects_bad_files(tmp_path):
     from clp_ray.errors import ConfigError
-    from clp_ray.training import deepspeed_config
+    from clp_ray.train import deepspeed_config
 
     cfg = load_config("hi", "tiny", ["train.per_device_batch_size=3", "train.gradient_accumulation_steps=2",
                                       "deepspeed.stage=2", f"deepspeed.config_dir={tmp_path}"])

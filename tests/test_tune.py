@@ -29,9 +29,9 @@ def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypat
     import ray
     from mlflow import MlflowClient
 
-    from clp_ray.search import run_tune_job
     from clp_ray.tracking import tracking_uri
-    from clp_ray.training import ensure_ray
+    from clp_ray.train import ensure_ray
+    from clp_ray.tune import run_tune_job
 
     # The default MLflow URI (SQLite in the working directory): trials, which run in working
     # directories of their own, must still log into the driver's database.

@@ -1,0 +1,38 @@
+"""What the driver sends to every Ray Train worker: one typed payload instead of a dict of strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from clp_ray.config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """Validated training data, as the workers reload it (the validator's report, reduced)."""
+
+    files: tuple[str, ...]
+    content_hash: str
+    on_duplicate: str = "keep"
+
+
+@dataclass(frozen=True)
+class TrackingRef:
+    """The MLflow run rank 0 logs to (created by the driver)."""
+
+    uri: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class WorkerPayload:
+    cfg: ExperimentConfig
+    ds_config: dict
+    data: DataRef
+    run_dir: str  # the run's folder on the run storage (the fault-injection marker lives there)
+    tracking: Optional[TrackingRef] = None
+
+    def as_loop_config(self) -> dict:
+        """Ray Train's ``train_loop_config`` (a dict) carrying this payload."""
+        return {"payload": self}
