@@ -322,20 +322,25 @@ class Comparison:
     num_queries: int
 
 
-def compare(a: EvalResult, b: EvalResult, metric: str = "ndcg@10") -> Comparison:
-    """Two-sided paired t-test (scipy) on per-query scores of the same queries."""
-
-    qa, qb = a.per_query[metric], b.per_query[metric]
-    if set(qa) != set(qb):
+def paired_p_value(a: dict[str, float], b: dict[str, float]) -> float:
+    """Two-sided paired t-test (scipy) of per-query scores ``a`` against ``b`` over the same queries;
+    1 when they are equal on every query (the t statistic is undefined there)."""
+    if set(a) != set(b):
         raise DataError("the two evaluations do not cover the same queries")
-    qids = sorted(qa)
-    xa, xb = [qa[q] for q in qids], [qb[q] for q in qids]
-    ma, mb = sum(xa) / len(xa), sum(xb) / len(xb)
-    if all(x == y for x, y in zip(xa, xb)):
-        p = 1.0
-    else:
-        p = float(stats.ttest_rel(xa, xb).pvalue)
-    return Comparison(metric, ma, mb, mb - ma, p, len(qids))
+    qids = sorted(a)
+    xa, xb = [a[q] for q in qids], [b[q] for q in qids]
+    if xa == xb:
+        return 1.0
+    p = float(stats.ttest_rel(xa, xb).pvalue)
+    return 1.0 if math.isnan(p) else p
+
+
+def compare(a: EvalResult, b: EvalResult, metric: str = "ndcg@10") -> Comparison:
+    """Means of ``metric`` and :func:`paired_p_value` on the per-query scores of the same queries."""
+    qa, qb = a.per_query[metric], b.per_query[metric]
+    p = paired_p_value(qa, qb)
+    ma, mb = sum(qa.values()) / len(qa), sum(qb.values()) / len(qb)
+    return Comparison(metric, ma, mb, mb - ma, p, len(qa))
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

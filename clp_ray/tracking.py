@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from clp_ray.atomic import check_writable
 from clp_ray.config import ExperimentConfig
-from clp_ray.errors import ClpRayError
+from clp_ray.errors import ClpRayError, JobInterrupted
 from clp_ray.pyfunc import EmbedderPyfunc  # noqa: F401  (models registered before it moved unpickle it from here)
 from clp_ray.redact import redact
 
@@ -37,6 +37,27 @@ _BATCH = 100
 
 def tracking_uri(cfg: ExperimentConfig) -> str:
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def with_driver_tracking(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the MLflow store resolved here, on the driver: trials run in working directories
+    of their own, where the default URI (a SQLite file in the working directory) is another database."""
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": tracking_uri(cfg)})})
+
+
+@contextmanager
+def ending(tracker: Tracker) -> Iterator[Tracker]:
+    """End ``tracker``'s run with the block: FINISHED, KILLED on an interrupt (the next run of the
+    same command resumes it), FAILED on any other error."""
+    try:
+        yield tracker
+    except (JobInterrupted, KeyboardInterrupt):
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
 
 
 def experiment_name(cfg: ExperimentConfig) -> str:

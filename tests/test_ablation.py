@@ -193,3 +193,42 @@ def test_ablation_end_to_end_numbers_and_resume(tmp_path, small_data):
     assert again["trained_now"] == 0 and again["arms"] == s["arms"] and again["comparisons"] == s["comparisons"]
     assert again["mlflow_parent_run_id"] == s["mlflow_parent_run_id"]
     assert "[ablation] trained" not in p.stdout
+
+
+def test_no_trained_arm_and_a_repeated_metric_fail_before_any_work(tmp_path):
+    import ray
+
+    from clp_ray.ablation import run_ablation_job
+
+    cfg = load_config("hi", "tiny", ["ablation.arms=[{name: base, train: false}]", "ablation.baseline_arm=base",
+                                     f"train.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"--set ablation.arms=.*: ablation.arms: no arm trains"):
+        run_ablation_job(cfg)
+    assert not ray.is_initialized() and not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="ablation.metrics lists a metric twice"):
+        load_config("hi", "tiny", ["ablation.metrics=[ndcg@10, ndcg@10]"])
+
+
+@pytest.mark.parametrize("raised, status", [(None, "FINISHED"), (KeyboardInterrupt, "KILLED"), (ValueError, "FAILED")])
+def test_parent_runs_end_with_the_blocks_outcome(raised, status):
+    from clp_ray.errors import JobInterrupted
+    from clp_ray.tracking import ending
+
+    class Fake:
+        ended = None
+
+        def end(self, s):
+            self.ended = s
+
+    t = Fake()
+    if raised is None:
+        with ending(t):
+            pass
+    else:
+        with pytest.raises(raised), ending(t):
+            raise raised()
+    assert t.ended == status
+    t2 = Fake()
+    with pytest.raises(JobInterrupted), ending(t2):
+        raise JobInterrupted("stopped")
+    assert t2.ended == "KILLED"

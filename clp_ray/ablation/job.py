@@ -19,12 +19,12 @@ from clp_ray.ablation.results import AblationOutcome, ArmResult, RunResult, Trai
 from clp_ray.ablation.runs import train_runs
 from clp_ray.ablation.stats import compare_arms, comparison_pairs
 from clp_ray.config import ExperimentConfig
-from clp_ray.errors import ConfigError, JobInterrupted
+from clp_ray.errors import ConfigError
 from clp_ray.evaluation import RetrievalSet, evaluate, format_metrics, load_beir
 from clp_ray.model_refs import load_embedder, num_encoder_layers
 from clp_ray.modeling import Embedder
 from clp_ray.storage import local_folder
-from clp_ray.tracking import Tracker, git_commit, resume_or_start_run, start_run
+from clp_ray.tracking import Tracker, ending, git_commit, resume_or_start_run, start_run
 from clp_ray.train.preflight import (
     PreparedRun,
     check_consistency,
@@ -84,16 +84,8 @@ def run_ablation_job(cfg: ExperimentConfig) -> AblationOutcome:
         check_resources(cfg)
         parent = _open_parent(ctx)
         log.info("ablation %s: %d arms, %d runs, MLflow parent run %s", prep.name, len(arms), len(ctx.runs), parent.run_id)
-        try:
-            outcome = _run(ctx, parent)
-        except (JobInterrupted, KeyboardInterrupt):
-            parent.end("KILLED")
-            raise
-        except BaseException:
-            parent.end("FAILED")
-            raise
-        parent.end("FINISHED")
-    return outcome
+        with ending(parent):
+            return _run(ctx, parent)
 
 
 def _open_parent(ctx: _Context) -> Tracker:

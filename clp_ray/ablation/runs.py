@@ -14,7 +14,6 @@ from typing import Optional
 import ray
 import ray.tune
 from mlflow import MlflowClient
-from ray.train import TrainingFailedError
 from ray.tune import Callback
 
 from clp_ray.ablation.arms import RunSpec
@@ -22,12 +21,12 @@ from clp_ray.ablation.results import TrainedRun
 from clp_ray.config import ExperimentConfig
 from clp_ray.errors import ClpRayError, JobInterrupted
 from clp_ray.storage import join
-from clp_ray.tracking import Tracker, start_run_retrying, tracking_uri
+from clp_ray.tracking import Tracker, start_run_retrying, tracking_uri, with_driver_tracking
 from clp_ray.train.deepspeed_config import deepspeed_config
 from clp_ray.train.payload import DataRef
 from clp_ray.train.preflight import PreparedRun
-from clp_ray.train.run import explain_failure, fit
 from clp_ray.tune.sweep import TRIAL_DRIVER_CPU, trials_that_fit
+from clp_ray.tune.trial import fit_in_trial
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +73,7 @@ def run_arm_trial(config: dict, ablation: AblationPayload) -> None:
     p = ablation.runs[config["run"]]
     prep = PreparedRun(p.cfg, p.name, ablation.train_storage, p.ds_config, ablation.data)
     tracker = _child_run(p, ablation.parent_run_id) if ablation.parent_run_id else None
-    try:
-        result = fit(prep, tracker=tracker)
-    except TrainingFailedError as e:
-        if tracker:
-            tracker.set_tags({"clp_ray.status": "errored", "clp_ray.error": explain_failure(e)})
-            tracker.end("FAILED")
-        raise RuntimeError(explain_failure(e)) from None
+    result = fit_in_trial(prep, tracker)
     if tracker:
         tracker.set_tags({"clp_ray.status": "trained", "clp_ray.model_path": result.model_path or ""})
     ray.tune.report({"model_path": result.model_path or "", "mlflow_run_id": tracker.run_id if tracker else ""})
@@ -101,10 +94,9 @@ class _Progress(Callback):
 
 def _payload(specs: list[RunSpec], cfg: ExperimentConfig, data: DataRef, storage: str,
              parent: Optional[Tracker]) -> AblationPayload:
-    uri = tracking_uri(cfg)  # trials run in folders of their own: the driver's resolved MLflow store
     runs = {}
     for s in specs:
-        c = s.cfg.model_copy(update={"tracking": s.cfg.tracking.model_copy(update={"tracking_uri": uri})})
+        c = with_driver_tracking(s.cfg)
         runs[s.name] = ArmRunPayload(s.name, s.arm, s.seed or 0, c, deepspeed_config(c, c.ray.num_workers))
     return AblationPayload(runs, storage, data, parent.run_id if parent else None)
 

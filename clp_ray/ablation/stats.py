@@ -1,6 +1,7 @@
 """The ablation's numbers: mean and spread over seeds, paired tests on per-query scores, Holm.
 
-The paired test is scipy's two-sided paired t-test (``scipy.stats.ttest_rel``) on the per-query
+The paired test is :func:`clp_ray.evaluation.paired_p_value`, scipy's two-sided paired t-test
+(``scipy.stats.ttest_rel``), on the per-query
 scores of the two arms, each arm's scores first averaged over its seeds: the same test the tune job
 reports against the base model, on the unit the metrics are means of (queries), without ranx's
 extra dependencies (numba). Holm's step-down correction comes from statsmodels
@@ -9,15 +10,14 @@ extra dependencies (numba). Holm's step-down correction comes from statsmodels
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from clp_ray.errors import DataError
+from clp_ray.evaluation import paired_p_value
 
 
 @dataclass(frozen=True)
@@ -46,19 +46,6 @@ def seed_average(per_query_runs: Sequence[dict[str, float]]) -> dict[str, float]
     if any(set(r) != qids for r in per_query_runs):
         raise DataError("the runs of one arm were not evaluated on the same queries")
     return {q: statistics.fmean(r[q] for r in per_query_runs) for q in sorted(qids)}
-
-
-def paired_p_value(a: dict[str, float], b: dict[str, float]) -> float:
-    """Two-sided paired t-test of ``a`` against ``b`` over the same queries; 1 when they are equal
-    on every query (the t statistic is undefined there)."""
-    if set(a) != set(b):
-        raise DataError("the two arms were not evaluated on the same queries")
-    qids = sorted(a)
-    xa, xb = [a[q] for q in qids], [b[q] for q in qids]
-    if xa == xb:
-        return 1.0
-    p = float(stats.ttest_rel(xa, xb).pvalue)
-    return 1.0 if math.isnan(p) else p
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

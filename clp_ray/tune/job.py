@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from clp_ray.config import ExperimentConfig
-from clp_ray.errors import ClpRayError, ConfigError, JobInterrupted
+from clp_ray.errors import ClpRayError, ConfigError
 from clp_ray.evaluation import EvalResult, RetrievalSet, compare, evaluate, load_beir, load_result, save_result
 from clp_ray.model_refs import load_embedder, num_encoder_layers
 from clp_ray.modeling import Embedder
 from clp_ray.plots import write_sweep_plots
 from clp_ray.registry import Promotion, load_registered_embedder, log_embedder_model, promote_if_better
 from clp_ray.storage import local_folder
-from clp_ray.tracking import Tracker, git_commit, metric_key, registered_model_name, resume_or_start_run
+from clp_ray.tracking import Tracker, ending, git_commit, metric_key, registered_model_name, resume_or_start_run
 from clp_ray.train.preflight import (
     PreparedRun,
     check_moe_layers,
@@ -118,7 +118,7 @@ def _sweep_and_register(ctx: _Context, fresh: bool) -> TuneOutcome:
     """The MLflow parent run around the base model, the sweep, the test and the registry."""
     parent = _open_parent(ctx, fresh)
     log.info("sweep %s: %d trials, MLflow parent run %s", ctx.prep.name, ctx.cfg.search.num_samples, parent.run_id)
-    try:
+    with ending(parent):  # KILLED on an interrupt: the next run of the same command continues this run
         base = base_model_test(ctx.cfg, ctx.test_set)
         parent.log_metrics({f"base_test_{k}": v for k, v in base.metrics.items()})
         trials = run_sweep(ctx.cfg, prep=ctx.prep, num_layers=ctx.layers, fresh=fresh, parent_tracker=parent)
@@ -131,13 +131,6 @@ def _sweep_and_register(ctx: _Context, fresh: bool) -> TuneOutcome:
         write_sweep_plots(trials, ctx.cfg, ctx.layers, ctx.out_dir / "plots")
         parent.log_artifacts(ctx.out_dir / "plots", "plots")
         version, promotion = _register(ctx, parent, best, best_model, res, base, vs_base.p_value)
-    except (JobInterrupted, KeyboardInterrupt):
-        parent.end("KILLED")  # resumable: the next run of the same command continues this MLflow run
-        raise
-    except BaseException:
-        parent.end("FAILED")
-        raise
-    parent.end("FINISHED")
     return TuneOutcome(ctx.prep.name, trials, best, apply_params(ctx.cfg, best.params), res.metrics,
                        registered_model_name(ctx.cfg), version, promotion, parent.run_id, base.metrics,
                        vs_base.p_value, ctx.prep.data_files)

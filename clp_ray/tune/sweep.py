@@ -23,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from clp_ray.config import ExperimentConfig
 from clp_ray.errors import ConfigError, JobInterrupted
 from clp_ray.storage import join, location, move_aside
-from clp_ray.tracking import Tracker, tracking_uri
+from clp_ray.tracking import Tracker, with_driver_tracking
 from clp_ray.train.preflight import PreparedRun, run_hash, storage_path
 from clp_ray.train.run import checkpoint_model
 from clp_ray.train.schedule import plan_steps
@@ -192,10 +192,7 @@ def _new_tuner(cfg: ExperimentConfig, trainable, run_config, num_layers: int, re
 
 
 def _payload(cfg: ExperimentConfig, prep: PreparedRun, storage: str, parent: Optional[Tracker]) -> SweepPayload:
-    # Trials run in working directories of their own, where the default MLflow URI (a SQLite file in
-    # the working directory) would be another database: they get the driver's resolved one.
-    base = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": tracking_uri(cfg)})})
-    return SweepPayload(prep.name, base, join(storage, f"{prep.name}-trials"), prep.ds_config, prep.data,
+    return SweepPayload(prep.name, with_driver_tracking(cfg), join(storage, f"{prep.name}-trials"), prep.ds_config, prep.data,
                         parent.run_id if parent else None)
 
 

@@ -11,10 +11,10 @@ from ray.train import TrainingFailedError
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from clp_ray.config import ExperimentConfig
-from clp_ray.tracking import start_run_retrying
+from clp_ray.tracking import Tracker, start_run_retrying
 from clp_ray.train.payload import DataRef
 from clp_ray.train.preflight import PreparedRun
-from clp_ray.train.run import explain_failure, fit
+from clp_ray.train.run import TrainResult, explain_failure, fit
 from clp_ray.tune.space import apply_params, trial_params
 
 
@@ -30,6 +30,18 @@ class SweepPayload:
     parent_run_id: Optional[str] = None
 
 
+def fit_in_trial(prep: PreparedRun, tracker: Optional[Tracker], callbacks: Optional[list] = None) -> TrainResult:
+    """:func:`~clp_ray.train.run.fit` inside a Tune trial: a failed training marks its MLflow run
+    errored and ends it, then fails the trial with the workers' first error lines."""
+    try:
+        return fit(prep, tracker=tracker, callbacks=callbacks)
+    except TrainingFailedError as e:
+        if tracker:
+            tracker.set_tags({"clp_ray.status": "errored", "clp_ray.error": explain_failure(e)})
+            tracker.end("FAILED")
+        raise RuntimeError(explain_failure(e)) from None
+
+
 def run_trial(config: dict, sweep: SweepPayload) -> None:
     """The trainable Tune calls with the sampled ``config``; raises when the training fails."""
     params = trial_params(config)
@@ -42,13 +54,7 @@ def run_trial(config: dict, sweep: SweepPayload) -> None:
         tracker = start_run_retrying(cfg, name, parent_run_id=sweep.parent_run_id,
                                      tags={"clp_ray.trial_id": trial_id, "clp_ray.kind": "trial", "clp_ray.status": "running"})
         tracker.log_params({**params, "moe.layers": cfg.moe.layers})
-    try:
-        result = fit(prep, tracker=tracker, callbacks=[TuneReportCallback()])
-    except TrainingFailedError as e:
-        if tracker:
-            tracker.set_tags({"clp_ray.status": "errored", "clp_ray.error": explain_failure(e)})
-            tracker.end("FAILED")
-        raise RuntimeError(explain_failure(e)) from None
+    result = fit_in_trial(prep, tracker, callbacks=[TuneReportCallback()])
     if tracker:  # its dev metrics were logged by the training run's rank 0
         tracker.set_tags({"clp_ray.status": "completed", "clp_ray.model_path": result.model_path or ""})
         tracker.end("FINISHED")
