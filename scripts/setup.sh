@@ -10,6 +10,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip byte-compiles what it installs: keep it so (with PYTHONDONTWRITEBYTECODE=1, as on the dev and
+# CI machines, nothing would cache the compiled modules and every Ray worker would recompile them).
 pipq() { pip install -q -c constraints.txt "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
 python -c "import torch" 2>/dev/null || pipq "torch==2.13.0"
 python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 pipq --no-build-isolation "deepspeed==0.19.8"

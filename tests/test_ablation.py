@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import ir_measures
 import pytest
+from conftest import run_in_process
 from scipy import stats
 
 from clp_ray.ablation.stats import compare_arms, comparison_pairs, holm, paired_p_value, seed_average, spread
@@ -96,9 +95,8 @@ def test_bad_arm_overrides_fail_with_the_key_path(arms, expected):
      "loss.lamm: unknown key (did you mean lam?)"),
 ])
 def test_bad_arms_exit_2_before_any_training(tmp_path, sets, expected):
-    cmd = [sys.executable, "jobs/ablate.py", "--lang", "hi", "--profile", "tiny", "--set", f"train.output_dir={tmp_path}",
-           *[a for s in sets for a in ("--set", s)]]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = run_in_process("ablate.py", "--lang", "hi", "--profile", "tiny", "--set", f"train.output_dir={tmp_path}",
+                       *[a for s in sets for a in ("--set", s)])
     assert p.returncode == 2, p.stderr[-2000:]
     assert expected in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "ray_results").exists()  # nothing trained, Ray never started
@@ -183,11 +181,11 @@ def test_ablation_end_to_end_numbers_and_resume(tmp_path, small_data):
     assert len(children) == 5 and all(c.info.status == "FINISHED" for c in children)
     assert all("test_ndcg_at_10" in c.data.metrics for c in children)
 
-    # The same command again, from the CLI: nothing trains, the same numbers come back.
+    # The same command again, from the CLI: nothing trains, Ray never starts (run_in_process asserts
+    # it), the same numbers come back.
     summary = tmp_path / "summary.json"
-    cmd = [sys.executable, "jobs/ablate.py", "--lang", "hi", "--profile", "tiny", "--summary", str(summary),
-           *[a for x in sets for a in ("--set", x)]]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = run_in_process("ablate.py", "--lang", "hi", "--profile", "tiny", "--summary", str(summary),
+                       *[a for x in sets for a in ("--set", x)])
     assert p.returncode == 0, p.stderr[-3000:]
     again = json.loads(summary.read_text())
     assert again["trained_now"] == 0 and again["arms"] == s["arms"] and again["comparisons"] == s["comparisons"]

@@ -115,3 +115,28 @@ def test_moe_step_benchmark_rejects_bad_sizes_and_a_missing_gpu():
                           (["--seq", "8", "--min-length", "9"], "--min-length 9: must be at most --seq 8")]:
         p = run(*args, CUDA_VISIBLE_DEVICES="")
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def _train_e2e():
+    spec = importlib.util.spec_from_file_location("train_e2e", ROOT / "benchmarks" / "train_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_e2e_steady_state_rate_leaves_out_the_warmup():
+    bench = _train_e2e()
+    # Step ends at 10 s (slow first step), then one every 2 s: after 3 warm-up steps, 32 queries per 2 s.
+    stamps = [10.0, 13.0, 15.0, 17.0, 19.0, 21.0]
+    assert bench.rate(stamps, 3) == bench.BATCH * 2 / 4.0
+    assert bench.rate(stamps, 100) == bench.BATCH * 1 / 2.0  # the warm-up is capped: two stamps remain
+
+
+def test_train_e2e_rejects_bad_arguments():
+    for args, message in ((["--clp-workers", "3"], "--clp-workers 3 does not divide the batch of 32"),
+                          (["--steps", "2"], "argument --steps: must be >= 4, got 2"),
+                          (["--rounds", "0"], "argument --rounds: must be >= 1, got 0")):
+        run = subprocess.run([sys.executable, "benchmarks/train_e2e.py", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 2 and message in run.stderr, run.stderr

@@ -1,7 +1,5 @@
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -127,8 +125,8 @@ def test_paired_comparison_matches_scipy():
     assert compare(a, a).p_value == 1.0
 
 
-def run_job(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "jobs/evaluate.py", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+def run_job(*args):
+    return run_in_process("evaluate.py", *args)
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def test_ray_job_submit_tune_succeeds_and_bad_language_fails(local_head, env, sm
     db = tmp_path / "mlflow.db"
     sets = [f"data.train_paths=[{small_data}]", "data.train_group_size=2", "data.dev_fraction=0.2",
             "train.per_device_batch_size=4", "train.epochs=1", f"train.output_dir={tmp_path / 'out'}",
-            f"tracking.tracking_uri=sqlite:///{db}", "search.num_samples=2", "search.max_concurrent_trials=1"]
+            f"tracking.tracking_uri=sqlite:///{db}", "search.num_samples=1", "search.max_concurrent_trials=1"]
     args = ["jobs/tune.py", "--lang", "hi", "--profile", "tiny"]
     for s in sets:
         args += ["--set", s]

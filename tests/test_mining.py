@@ -188,36 +188,42 @@ def test_mining_with_generator_fills_unknown_neg_q(llm_server, tmp_path):
 
 @pytest.mark.slow
 def test_mine_job_output_validates_and_trains(tmp_path):
+    import ray
+
+    from clp_ray.config import load_config
+    from clp_ray.data import validate
+    from clp_ray.train import ensure_ray
+
     assets = ROOT / "clp_ray" / "assets" / "ko_help"
     qrels = tmp_path / "train.tsv"
     rows = (assets / "qrels" / "dev.tsv").read_text().splitlines() + (assets / "qrels" / "test.tsv").read_text().splitlines()[1:]
     qrels.write_text("\n".join(rows) + "\n")
     out, summary = tmp_path / "mined.jsonl", tmp_path / "s.json"
-    p = subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "tiny", "--model", "tiny",
-                        "--corpus", str(assets / "corpus.jsonl"), "--queries", str(assets / "queries.jsonl"),
-                        "--qrels", str(qrels), "--out", str(out), "--summary", str(summary),
-                        "--set", "mining.margin_mode=absolute", "--set", "mining.margin=0"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    mine = ["--lang", "hi", "--profile", "tiny", "--model", "tiny", "--corpus", str(assets / "corpus.jsonl"),
+            "--queries", str(assets / "queries.jsonl"), "--qrels", str(qrels),
+            "--set", "mining.margin_mode=absolute", "--set", "mining.margin=0"]
+    p = run_in_process("mine.py", *mine, "--out", str(out), "--summary", str(summary))
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads(summary.read_text())
     assert s["written"] > 100 and s["neg_q_from_qrels"] == s["negatives"] and s["negatives_dropped"] > 0
-    from clp_ray.data import validate
-
     report = validate([str(out)], lam=0.1, group_size=2)  # what `python -m clp_ray.data OUT --lam 0.1` checks
     assert report.bad == 0 and report.good == s["written"]
-    # The same job with encoding and search as Ray Data batch jobs.
-    p = subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "tiny", "--model", "tiny",
-                        "--corpus", str(assets / "corpus.jsonl"), "--queries", str(assets / "queries.jsonl"),
-                        "--qrels", str(qrels), "--out", str(tmp_path / "ray.jsonl"), "--summary", str(tmp_path / "r.json"),
-                        "--set", "mining.margin_mode=absolute", "--set", "mining.margin=0", "--set", "mining.engine=ray"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    # The jobs as on a cluster (Ray up first; in this process to spare two interpreter and Ray starts):
+    # the same mining with encoding and search as Ray Data batch jobs, then training on its output.
+    ensure_ray(load_config("hi", "tiny", ["ray.num_cpus=4"]))
+    try:
+        p = run_in_process("mine.py", *mine, "--out", str(tmp_path / "ray.jsonl"), "--summary", str(tmp_path / "r.json"),
+                           "--set", "mining.engine=ray")
+        assert p.returncode == 0, p.stderr[-3000:]
+        t = run_in_process("train.py", "--lang", "hi", "--profile", "tiny", "--set", f"data.train_paths=[{out}]",
+                           "--set", "data.train_group_size=2", "--set", "train.max_steps=2",
+                           "--set", f"train.output_dir={tmp_path / 'o'}",
+                           "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                           "--summary", str(tmp_path / "t.json"))
+    finally:
+        ray.shutdown()
     r = json.loads((tmp_path / "r.json").read_text())
     assert abs(r["written"] - s["written"]) <= 0.05 * s["written"]  # equal up to near-tied scores
-    t = subprocess.run([sys.executable, "jobs/train.py", "--lang", "hi", "--profile", "tiny", "--set", f"data.train_paths=[{out}]",
-                        "--set", "data.train_group_size=2", "--set", "train.max_steps=2",
-                        "--set", f"train.output_dir={tmp_path / 'o'}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                        "--summary", str(tmp_path / "t.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert t.returncode == 0, t.stderr[-3000:]
     assert json.loads((tmp_path / "t.json").read_text())["metrics"]["step"] == 2
 

@@ -8,13 +8,12 @@
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = {
@@ -68,8 +67,8 @@ def test_evaluate_job_matches_sentence_transformers(minilm, tmp_path):
     data_dir = bundled_subset(tmp_path / "beir")
     summary = tmp_path / "s.json"
     # The default (local) profile configures E5 settings for its own model: they must not apply here.
-    p = subprocess.run([sys.executable, "jobs/evaluate.py", "--model", str(minilm), "--data", str(data_dir),
-                        "--split", "test", "--summary", str(summary)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    p = run_in_process("evaluate.py", "--model", str(minilm), "--data", str(data_dir), "--split", "test",
+                       "--summary", str(summary))
     assert p.returncode == 0, p.stderr[-3000:]
     ours = json.loads(summary.read_text())
     assert ours["model_settings"][str(minilm)]["settings"]["pooling"] == "mean"

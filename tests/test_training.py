@@ -101,6 +101,8 @@ def test_zero_stage_trains_moe_only(stage, tmp_path, small_data, ray_local):
 
 
 def test_fault_injection_resume_and_rerun(tmp_path, small_data, ray_local, tiny_path, monkeypatch):
+    from mlflow import MlflowClient
+
     from clp_ray.modeling import Embedder
     from clp_ray.train import run_training
 
@@ -123,15 +125,23 @@ def test_fault_injection_resume_and_rerun(tmp_path, small_data, ray_local, tiny_
     torch.testing.assert_close(a.encode(texts), b.encode(texts), rtol=0, atol=1e-5)  # resumed exactly
 
     # Without retries the failure stops the run; re-running the same command resumes it, and
-    # re-running a finished run trains no further.
+    # re-running a finished run returns its result without training.
     cfg = make_cfg(tmp_path / "rerun", small_data, *common, "train.debug_fail_at_step=3", "train.max_failures=0")
     with pytest.raises(ClpRayError, match="injected failure on rank 1 at step 3"):
         run_training(cfg)
     resumed = run_training(cfg)
     assert (resumed.metrics["attempt"], resumed.metrics["resumed_from_step"], resumed.metrics["step"]) == (2, 2, 6)
-    again = run_training(cfg)
-    assert (again.metrics["attempt"], again.metrics["resumed_from_step"], again.metrics["step"]) == (3, 6, 6)
-    assert resumed.mlflow_run_id == again.mlflow_run_id  # the same MLflow run continues
+    tracking = MlflowClient(cfg.tracking.tracking_uri)
+    assert tracking.get_run(resumed.mlflow_run_id).info.status == "FINISHED"
+
+    def no_fit(*a, **k):
+        raise AssertionError("a finished run started the trainer again")
+
+    monkeypatch.setattr("clp_ray.train.run.fit", no_fit)
+    again = run_training(cfg)  # finished: its result comes back from the run storage, no workers start
+    assert (again.metrics, again.checkpoint_path, again.model_path) == (resumed.metrics, resumed.checkpoint_path, resumed.model_path)
+    assert again.mlflow_run_id == resumed.mlflow_run_id  # the same MLflow run
+    assert tracking.get_run(again.mlflow_run_id).info.status == "FINISHED"
 
 
 def run_train_job(*args):
@@ -145,10 +155,9 @@ def train_in_process(*args):
 
 
 def test_bad_input_fails_before_workers_start(tmp_path):
-    p = run_train_job("--set", f"data.train_paths=[{tmp_path / 'missing.jsonl'}]")
+    p = train_in_process("--set", f"data.train_paths=[{tmp_path / 'missing.jsonl'}]")
     assert p.returncode == 2 and "missing.jsonl: no such file or folder" in p.stderr
     assert "Traceback" not in p.stderr and "RayTrainWorker" not in p.stderr
-    assert "Started a local Ray instance" not in p.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "pos": ["p"], "neg": ["n"], "neg_q": ["m"]}\n{"query": ""}\n')
     p = train_in_process("--set", f"data.train_paths=[{bad}]")

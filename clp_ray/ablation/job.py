@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from clp_ray.ablation.arms import Arm, RunSpec, base_arm, plan_runs, resolve_arms
 from clp_ray.ablation.report import write_report
@@ -80,12 +81,14 @@ def run_ablation_job(cfg: ExperimentConfig) -> AblationOutcome:
     out = Path(cfg.train.output_dir).resolve()
     ctx = _Context(cfg, arms, plan_runs(cfg, arms, prep.data_hash), prep, test_set, out / prep.name, out / "ablation_runs")
     with run_lock(cfg, prep.name):  # a second identical command stops here
-        ensure_ray(cfg)
-        check_resources(cfg)
+        done, todo = _progress(ctx)
+        if todo:  # a re-run with every model trained needs no cluster
+            ensure_ray(cfg)
+            check_resources(cfg)
         parent = _open_parent(ctx)
         log.info("ablation %s: %d arms, %d runs, MLflow parent run %s", prep.name, len(arms), len(ctx.runs), parent.run_id)
         with ending(parent):
-            return _run(ctx, parent)
+            return _run(ctx, parent, done, todo)
 
 
 def _open_parent(ctx: _Context) -> Tracker:
@@ -101,12 +104,17 @@ def _open_parent(ctx: _Context) -> Tracker:
         "clp_ray.git_commit": git_commit()})
 
 
-def _run(ctx: _Context, parent: Tracker) -> AblationOutcome:
+def _progress(ctx: _Context) -> tuple[dict[str, Optional[RunResult]], list[RunSpec]]:
+    """The runs already evaluated (from their folders) and those still to train."""
     h = ctx.test_set.content_hash()
     done = {s.name: RunResult.load(ctx.folder(s.name), h) for s in ctx.runs}
     todo = [s for s in ctx.runs if s.train and done[s.name] is None and TrainedRun.load(ctx.folder(s.name)) is None]
     log.info("ablation %s: %d of %d runs already finished, %d to train", ctx.prep.name,
              sum(r is not None for r in done.values()), len(ctx.runs), len(todo))
+    return done, todo
+
+
+def _run(ctx: _Context, parent: Tracker, done: dict[str, Optional[RunResult]], todo: list[RunSpec]) -> AblationOutcome:
     if todo:
         train_runs(todo, ctx.cfg, data=ctx.prep.data, storage=ctx.prep.storage, name=ctx.prep.name, parent=parent,
                    folder_of=ctx.folder)

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import pyarrow.fs as pafs
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
 from clp_ray.config import ExperimentConfig
 from clp_ray.errors import ClpRayError
-from clp_ray.storage import folder_exists, join, local_folder, location
+from clp_ray.storage import filesystem, folder_exists, join, local_folder, location
 from clp_ray.tracking import Tracker, resume_or_start_run
 from clp_ray.train.payload import TrackingRef, WorkerPayload
 from clp_ray.train.preflight import (
@@ -49,6 +50,10 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
     for k, v in env.items():
         os.environ.setdefault(k, v)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # One local node cannot be preempted: no PreemptionWatcher actor (a process, ~2 s of imports)
+        # next to every run's controller.
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
@@ -92,6 +97,28 @@ def fit(prep: PreparedRun, *, tracker: Optional[Tracker] = None, callbacks: Opti
                        tracker.run_id if tracker else None, data_files=prep.data_files)
 
 
+def finished_result(prep: PreparedRun) -> Optional[TrainResult]:
+    """The result of this run when its storage already holds its final checkpoint and model (the
+    run name is the config and data hash, so it is the same training); else None."""
+    fs, path = filesystem(prep.run_dir)
+    # Ray Train's record of the run's checkpoints; absent before a first report.
+    if fs.get_file_info(f"{path}/checkpoint_manager_snapshot.json").type == pafs.FileType.NotFound:
+        return None
+    try:
+        result = Result.from_path(prep.run_dir)
+    except (RuntimeError, OSError, ValueError) as e:  # unreadable: let a real run sort it out
+        log.warning("run %s: cannot read its earlier result (%s); running it", prep.name, e)
+        return None
+    metrics = dict(result.metrics or {})
+    ckpt_path = location(prep.storage, result.checkpoint.path) if result.checkpoint else None
+    model_path = checkpoint_model(ckpt_path) if ckpt_path else None
+    if not (metrics.get("final") and model_path):
+        return None
+    id_file = Path(prep.cfg.train.output_dir).resolve() / prep.name / "mlflow_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    return TrainResult(prep.name, prep.run_dir, ckpt_path, model_path, metrics, run_id, data_files=prep.data_files)
+
+
 def checkpoint_model(ckpt_location: str) -> Optional[str]:
     """The model folder in a checkpoint (a location on the run storage, see
     :func:`clp_ray.storage.location`); None when the checkpoint holds no model."""
@@ -132,6 +159,12 @@ def run_training(cfg: ExperimentConfig) -> TrainResult:
     check_moe_layers(cfg)
     prep = prepare(cfg)
     with run_lock(cfg, prep.name):  # before any cluster work: a second identical command stops here
+        done = finished_result(prep)
+        if done:
+            log.info("run %s already finished at step %s: nothing to train (its model: %s); change the config "
+                     "or delete %s to train again", prep.name, done.metrics.get("step"), done.model_path, prep.run_dir)
+            done.local_model_path = str(local_folder(done.model_path, Path(cfg.train.output_dir).resolve() / prep.name))
+            return done
         ensure_ray(cfg)
         check_resources(cfg)
         tracker = open_tracking(prep)

