@@ -1,16 +1,39 @@
 #!/usr/bin/env bash
-# Set up the environment and run the whole test suite (what CI runs). Extra args go to pytest.
+# Set up the environment and run the whole test suite (what CI runs). With arguments, they go to one
+# plain pytest run instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 . .venv/bin/activate
 ruff check .
 set +e
-python -m pytest "$@"
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-  echo "error: pytest collected no tests" >&2
-  exit 1
+if [ "$#" -gt 0 ]; then
+  python -m pytest "$@"
+  rc=$?
+  if [ "$rc" -eq 5 ]; then
+    echo "error: pytest collected no tests" >&2
+    exit 1
+  fi
+  exit "$rc"
 fi
-exit "$rc"
+# Two pytest runs side by side on the two cores: the tests that start Ray (marked `ray`), one after
+# another so that there is never a second Ray instance, and all the others beside them (their output
+# follows). Either run collecting nothing (exit 5) fails the suite.
+others=$(mktemp)
+python -m pytest -m "not ray" -p no:cacheprovider >"$others" 2>&1 &
+pid=$!
+python -m pytest -m ray
+rc_ray=$?
+wait "$pid"
+rc_others=$?
+echo "================ the tests that do not start Ray (run beside the ones above) ================"
+cat "$others"
+rm -f "$others"
+for rc in "$rc_ray" "$rc_others"; do
+  if [ "$rc" -eq 5 ]; then
+    echo "error: pytest collected no tests" >&2
+    exit 1
+  fi
+done
+[ "$rc_ray" -ne 0 ] && exit "$rc_ray"
+exit "$rc_others"

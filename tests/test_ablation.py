@@ -17,6 +17,7 @@ from clp_ray.config import load_config
 from clp_ray.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray  # starts Ray: run apart from the rest (scripts/test.sh)
 METRICS = ["ndcg@10", "ndcg@5", "recall@100", "mrr@10"]
 ARMS = "ablation.arms=[{name: base, train: false}, {name: cl, overrides: {loss.lam: 0.0}}, {name: clp}]"
 

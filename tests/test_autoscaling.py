@@ -15,7 +15,7 @@ from ray.cluster_utils import AutoscalingCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200), pytest.mark.ray]
 
 # Ray's fake_multinode provider config. AutoscalingCluster reads it from
 # ray/autoscaler/_private/fake_multi_node/example.yaml, which the PyPI wheel does not ship.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200), pytest.mark.ray]
 RAY = str(Path(sys.executable).parent / "ray")
 EXCLUDES = json.dumps({"excludes": [".venv", ".git", "outputs", "mlruns", "mlartifacts", "*.db", "__pycache__"]})
 

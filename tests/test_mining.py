@@ -16,6 +16,7 @@ from clp_ray.config import GeneratorConfig, MiningConfig
 from clp_ray.mining import QueryGenerator, mine, select_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray  # starts Ray: run apart from the rest (scripts/test.sh)
 
 
 def test_window_positives_and_margin_guard():

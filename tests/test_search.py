@@ -7,6 +7,8 @@ from clp_ray.config import load_config
 from clp_ray.errors import ConfigError
 from clp_ray.tune import SearchSpace, apply_params, check_space, points_to_evaluate
 
+pytestmark = pytest.mark.ray  # one test starts Ray: run apart from the rest (scripts/test.sh)
+
 
 def sample(cfg, n=30, layers=4):
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")

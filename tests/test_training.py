@@ -14,7 +14,7 @@ from clp_ray.errors import ClpRayError
 from clp_ray.moe import moe_layers
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from clp_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200), pytest.mark.ray]
 
 
 def sweep_sets(tmp_path, data, *extra, tracking=True):
