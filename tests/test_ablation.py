@@ -17,7 +17,6 @@ from clp_ray.config import load_config
 from clp_ray.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.ray  # starts Ray: run apart from the rest (scripts/test.sh)
 METRICS = ["ndcg@10", "ndcg@5", "recall@100", "mrr@10"]
 ARMS = "ablation.arms=[{name: base, train: false}, {name: cl, overrides: {loss.lam: 0.0}}, {name: clp}]"
 
@@ -118,6 +117,7 @@ def _per_query_from_run_file(run_file: str, qrels) -> dict[str, dict[str, float]
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # starts Ray: run apart from the rest (scripts/test.sh)
 @pytest.mark.timeout(1200)
 def test_ablation_end_to_end_numbers_and_resume(tmp_path, small_data):
     import ray

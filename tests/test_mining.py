@@ -16,7 +16,6 @@ from clp_ray.config import GeneratorConfig, MiningConfig
 from clp_ray.mining import QueryGenerator, mine, select_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.ray  # starts Ray: run apart from the rest (scripts/test.sh)
 
 
 def test_window_positives_and_margin_guard():
@@ -188,6 +187,7 @@ def test_mining_with_generator_fills_unknown_neg_q(llm_server, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # starts Ray: run apart from the rest (scripts/test.sh)
 def test_mine_job_output_validates_and_trains(tmp_path):
     import ray
 
@@ -230,6 +230,7 @@ def test_mine_job_output_validates_and_trains(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_data_encoding_and_search_match_local(tiny_path, tmp_path):
     import os
 

@@ -7,8 +7,6 @@ from clp_ray.config import load_config
 from clp_ray.errors import ConfigError
 from clp_ray.tune import SearchSpace, apply_params, check_space, points_to_evaluate
 
-pytestmark = pytest.mark.ray  # one test starts Ray: run apart from the rest (scripts/test.sh)
-
 
 def sample(cfg, n=30, layers=4):
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
@@ -75,6 +73,7 @@ def test_invalid_space_is_a_config_error():
             load_config("hi", "tiny", [assignment])
 
 
+@pytest.mark.ray  # starts Ray: run apart from the rest (scripts/test.sh)
 @pytest.mark.timeout(300)
 def test_interrupted_tune_run_is_told_apart_from_a_finished_one(tmp_path):
     """Ctrl+C makes Tune save its state and return normally, the stopped trials marked TERMINATED
