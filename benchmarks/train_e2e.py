@@ -14,8 +14,8 @@ Each contender is one fresh command, timed from launch to exit:
 - sentence-transformers: ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` in a
   fresh interpreter (this script, ``--st-worker``); step times from a ``TrainerCallback``.
 - FlagEmbedding: its encoder-only embedder runner (HF Trainer) in a fresh interpreter
-  (``--flag-worker``), when ``FlagEmbedding`` is installed (``pip install -e '.[bench]'``); else
-  reported as not measured, with the reason.
+  (``--flag-worker``), when ``FlagEmbedding`` imports; else reported as not measured, with the
+  reason (1.4.2, the newest, resolves beside our pins but imports a module transformers 5 removed).
 
 Per contender: whole-command wall time, time from launch to the end of the first optimizer step,
 steady-state examples/s (after ``--warmup`` steps) and the peak summed RSS of the command's process
@@ -144,14 +144,19 @@ def run_clp(work: Path, minilm: str, data: Path, args, tag: str) -> Measured:
                     rate(stamps, args.warmup), peak, len(stamps))
 
 
-def run_st(work: Path, minilm: str, data: Path, args, tag: str) -> Measured:
+def run_peer(work: Path, minilm: str, data: Path, args, tag: str, *, worker: str, name: str) -> Measured:
+    """A peer's trainer as a fresh interpreter running this script's ``--<worker>-worker`` mode."""
     out = work / tag
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, "--st-worker", "--model", minilm, "--data", str(data), "--out", str(out),
+    cmd = [sys.executable, __file__, f"--{worker}-worker", "--model", minilm, "--data", str(data), "--out", str(out),
            "--steps", str(args.steps)]
     t0, wall, peak = timed(cmd, out / "train.log")
     stamps = json.loads((out / "steps.json").read_text())
-    return Measured("sentence-transformers", wall, stamps[0] - t0, rate(stamps, args.warmup), peak, len(stamps))
+    return Measured(name, wall, stamps[0] - t0, rate(stamps, args.warmup), peak, len(stamps))
+
+
+def run_st(work: Path, minilm: str, data: Path, args, tag: str) -> Measured:
+    return run_peer(work, minilm, data, args, tag, worker="st", name="sentence-transformers")
 
 
 def st_worker(args) -> None:
@@ -189,13 +194,7 @@ def st_worker(args) -> None:
 
 
 def run_flag(work: Path, minilm: str, data: Path, args, tag: str) -> Measured:
-    out = work / tag
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, "--flag-worker", "--model", minilm, "--data", str(data), "--out", str(out),
-           "--steps", str(args.steps)]
-    t0, wall, peak = timed(cmd, out / "train.log")
-    stamps = json.loads((out / "steps.json").read_text())
-    return Measured("FlagEmbedding", wall, stamps[0] - t0, rate(stamps, args.warmup), peak, len(stamps))
+    return run_peer(work, minilm, data, args, tag, worker="flag", name="FlagEmbedding")
 
 
 def flag_worker(args) -> None:
@@ -237,8 +236,12 @@ def flag_embedding_reason() -> Optional[str]:
     import importlib.util
 
     if importlib.util.find_spec("FlagEmbedding") is None:
-        return ("FlagEmbedding is not installed (pip install -e '.[bench]' adds FlagEmbedding 1.4.2, which "
-                "resolves beside our pins with peft, ir_datasets and sentencepiece)")
+        return ("not installed; FlagEmbedding 1.4.2 (the newest) installs beside our pins but cannot import with "
+                "transformers 5: its package __init__ imports transformers.modeling_attn_mask_utils, removed in 5.0")
+    try:
+        import FlagEmbedding.finetune.embedder.encoder_only.base  # noqa: F401
+    except ImportError as e:
+        return f"FlagEmbedding is installed but does not import here: {e}"
     return None
 
 
