@@ -40,3 +40,18 @@ def test_check_writable_refuses_folders_and_unreachable_paths(tmp_path):
     assert (tmp_path / "runs" / "a").is_dir() and not any((tmp_path / "runs" / "a").iterdir())
     with pytest.raises(ClpRayError, match=r"train.output_dir: .*/f is a file, not a folder"):
         check_writable(str(tmp_path / "f"), "train.output_dir", folder=True)
+
+
+def test_the_worker_payload_imports_without_the_training_stack():
+    """Ray Train's controller unpickles the WorkerPayload: its import must not pull in torch,
+    DeepSpeed, transformers or MLflow (``clp_ray.train`` re-exports the rest lazily)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, clp_ray.train.payload, clp_ray.train as t\n"
+            "heavy = [m for m in ('torch', 'deepspeed', 'transformers', 'mlflow', 'datasets') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert callable(t.deepspeed_config) and t.plan_steps.__module__ == 'clp_ray.train.schedule'\n"
+            "assert 'torch' in sys.modules and t.run_training.__module__ == 'clp_ray.train.run'\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
