@@ -6,14 +6,17 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 . .venv/bin/activate
 ruff check .
+no_tests() {  # pytest's exit 5: nothing collected, which must not pass
+  if [ "$1" -eq 5 ]; then
+    echo "error: pytest collected no tests" >&2
+    exit 1
+  fi
+}
 set +e
 if [ "$#" -gt 0 ]; then
   python -m pytest "$@"
   rc=$?
-  if [ "$rc" -eq 5 ]; then
-    echo "error: pytest collected no tests" >&2
-    exit 1
-  fi
+  no_tests "$rc"
   exit "$rc"
 fi
 # Two pytest runs side by side on the two cores: the tests that start Ray (marked `ray`), one after
@@ -29,11 +32,7 @@ rc_others=$?
 echo "================ the tests that do not start Ray (run beside the ones above) ================"
 cat "$others"
 rm -f "$others"
-for rc in "$rc_ray" "$rc_others"; do
-  if [ "$rc" -eq 5 ]; then
-    echo "error: pytest collected no tests" >&2
-    exit 1
-  fi
-done
+no_tests "$rc_ray"
+no_tests "$rc_others"
 [ "$rc_ray" -ne 0 ] && exit "$rc_ray"
 exit "$rc_others"

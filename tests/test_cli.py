@@ -55,3 +55,27 @@ def test_the_worker_payload_imports_without_the_training_stack():
             "assert 'torch' in sys.modules and t.run_training.__module__ == 'clp_ray.train.run'\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_a_local_ray_instance_runs_no_preemption_watcher_unless_asked(monkeypatch):
+    """ensure_ray's runtime env (ray.init recorded, not called): a local instance turns Ray Train's
+    PreemptionWatcher off, a user's own setting wins, and a cluster address keeps Ray's default."""
+    import ray
+
+    from clp_ray.config import load_config
+    from clp_ray.train import ensure_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    cfg = load_config("hi", "tiny")
+    ensure_ray(cfg)
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    ensure_ray(cfg)
+    ensure_ray(load_config("hi", "tiny", ["ray.address=ray://head:10001"]))
+    envs = [c["runtime_env"]["env_vars"] for c in calls]
+    assert envs[0]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0" and envs[1]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+    assert "address" not in calls[0] and calls[2]["address"] == "ray://head:10001"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in envs[2] and envs[2]["DS_ACCELERATOR"] == "cpu"

@@ -32,6 +32,8 @@ from clp_ray.train.worker import MODEL_DIR, train_worker
 
 log = logging.getLogger(__name__)
 
+MLFLOW_ID_FILE = "mlflow_run_id"  # in output_folder(): a re-run continues the MLflow run it names
+
 RUNTIME_ENV_VARS = {
     "TOKENIZERS_PARALLELISM": "false",
     # Reports wait for the controller's poll; a shorter poll keeps small local runs snappy.
@@ -50,15 +52,19 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
     for k, v in env.items():
         os.environ.setdefault(k, v)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        # One local node cannot be preempted: no PreemptionWatcher actor (a process, ~2 s of imports)
-        # next to every run's controller.
-        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
+        # One local node cannot be preempted: no PreemptionWatcher actor (a process, ~2 s of imports)
+        # next to every run's controller, unless the user asks for one.
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def output_folder(prep: PreparedRun) -> Path:
+    """The run's local folder under ``train.output_dir`` (MLflow run id, local model copies)."""
+    return Path(prep.cfg.train.output_dir).resolve() / prep.name
 
 
 @dataclass
@@ -114,7 +120,7 @@ def finished_result(prep: PreparedRun) -> Optional[TrainResult]:
     model_path = checkpoint_model(ckpt_path) if ckpt_path else None
     if not (metrics.get("final") and model_path):
         return None
-    id_file = Path(prep.cfg.train.output_dir).resolve() / prep.name / "mlflow_run_id"
+    id_file = output_folder(prep) / MLFLOW_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else None
     return TrainResult(prep.name, prep.run_dir, ckpt_path, model_path, metrics, run_id, data_files=prep.data_files)
 
@@ -149,7 +155,7 @@ def open_tracking(prep: PreparedRun) -> Tracker:
         tracker.log_text(json.dumps(prep.data_report, indent=2), "data_report.json")
         tracker.log_text(json.dumps(prep.model_settings, indent=2), "model_settings.json")
 
-    return resume_or_start_run(cfg, Path(cfg.train.output_dir).resolve() / prep.name / "mlflow_run_id", prep.name,
+    return resume_or_start_run(cfg, output_folder(prep) / MLFLOW_ID_FILE, prep.name,
                                tags={"clp_ray.data_hash": prep.data_hash, "clp_ray.kind": "train"}, on_start=on_start)
 
 
@@ -163,7 +169,7 @@ def run_training(cfg: ExperimentConfig) -> TrainResult:
         if done:
             log.info("run %s already finished at step %s: nothing to train (its model: %s); change the config "
                      "or delete %s to train again", prep.name, done.metrics.get("step"), done.model_path, prep.run_dir)
-            done.local_model_path = str(local_folder(done.model_path, Path(cfg.train.output_dir).resolve() / prep.name))
+            done.local_model_path = str(local_folder(done.model_path, output_folder(prep)))
             return done
         ensure_ray(cfg)
         check_resources(cfg)
@@ -179,7 +185,7 @@ def run_training(cfg: ExperimentConfig) -> TrainResult:
             raise
         if result.model_path:
             # On remote storage (s3://...) a local copy under train.output_dir, for MLflow and the user.
-            result.local_model_path = str(local_folder(result.model_path, Path(cfg.train.output_dir).resolve() / prep.name))
+            result.local_model_path = str(local_folder(result.model_path, output_folder(prep)))
             tracker.log_artifacts(result.local_model_path, "model")
         tracker.end("FINISHED")
     return result
