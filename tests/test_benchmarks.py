@@ -140,3 +140,37 @@ def test_train_e2e_rejects_bad_arguments():
         run = subprocess.run([sys.executable, "benchmarks/train_e2e.py", *args], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_train_e2e_before_arm_is_a_worktree_of_that_commit_and_a_bad_rev_stops_first(tmp_path):
+    bench = _train_e2e()
+    path = bench.before_checkout(tmp_path, "HEAD")
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        assert path.name == f"src-{head[:12]}" and (path / "jobs" / "train.py").read_bytes() == subprocess.run(
+            ["git", "show", "HEAD:jobs/train.py"], cwd=ROOT, capture_output=True).stdout
+        assert bench.before_checkout(tmp_path, "HEAD") == path  # reused, not re-created
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, check=True)
+    run = subprocess.run([sys.executable, "benchmarks/train_e2e.py", "--before", "no-such-rev", "--work",
+                          str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "--before no-such-rev: not a commit of this repository" in run.stderr
+    assert not (tmp_path / "w" / "mined.jsonl").exists()  # stopped before mining
+
+
+def test_train_e2e_report_compares_against_the_best_peer_and_the_code_before(capsys):
+    bench = _train_e2e()
+    M = bench.Measured
+
+    def rnd(clp_rate, st_rate, before_rate):
+        return {"clp-ray (1 worker)": M("clp-ray (1 worker)", 100.0, 30.0, clp_rate, 7.0, 60),
+                "sentence-transformers": M("sentence-transformers", 80.0, 15.0, st_rate, 4.0, 60),
+                "clp-ray before abc (1 worker)": M("clp-ray before abc (1 worker)", 120.0, 60.0, before_rate, 8.0, 60)}
+
+    args = type("A", (), {"steps": 60})()
+    out = bench.report([rnd(6.0, 5.0, 4.0), rnd(5.5, 5.0, 5.0)], args)
+    assert out["peer"] == "sentence-transformers"  # the code before is not a peer
+    assert out["ratios_clp_over_peer"] == {"examples_per_s": [1.2, 1.1], "wall_time": [1.25, 1.25]}
+    assert out["ratios_after_over_before"]["examples_per_s"] == [1.5, 1.1]
+    assert out["ratios_after_over_before"]["first_step_s"] == [0.5, 0.5]
+    assert "examples_per_s 1.30x (range 1.10-1.50)" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import sys
 
 import pytest
 
@@ -63,13 +64,16 @@ def test_a_local_ray_instance_runs_no_preemption_watcher_unless_asked(monkeypatc
     import ray
 
     from clp_ray.config import load_config
+    from clp_ray.cache import cache_root
     from clp_ray.train import ensure_ray
+    from clp_ray.train.run import extensions_dir
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     cfg = load_config("hi", "tiny")
     ensure_ray(cfg)
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
@@ -79,3 +83,15 @@ def test_a_local_ray_instance_runs_no_preemption_watcher_unless_asked(monkeypatc
     assert envs[0]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0" and envs[1]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
     assert "address" not in calls[0] and calls[2]["address"] == "ray://head:10001"
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in envs[2] and envs[2]["DS_ACCELERATOR"] == "cpu"
+    # DeepSpeed's JIT ops: one folder per interpreter on a local instance, the cluster's own default otherwise.
+    assert envs[0]["TORCH_EXTENSIONS_DIR"] == str(extensions_dir()) and "TORCH_EXTENSIONS_DIR" not in envs[2]
+    assert extensions_dir().parent == cache_root() / "torch_extensions" and sys.prefix not in str(extensions_dir())
+
+
+def test_extension_folders_differ_per_interpreter(monkeypatch):
+    from clp_ray.train.run import extensions_dir
+
+    monkeypatch.setattr(sys, "prefix", "/venvs/a/.venv")
+    a = extensions_dir()
+    monkeypatch.setattr(sys, "prefix", "/venvs/b/.venv")
+    assert a != extensions_dir() and a.name.startswith(".venv-")

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -58,8 +60,21 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
         # One local node cannot be preempted: no PreemptionWatcher actor (a process, ~2 s of imports)
         # next to every run's controller, unless the user asks for one.
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or str(extensions_dir())
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def extensions_dir() -> Path:
+    """Where this interpreter's workers keep DeepSpeed's JIT-built ops (the CPU shared-memory comm op).
+
+    torch's default, ``~/.cache/torch_extensions/py311_cpu``, is shared by every environment with the
+    same Python: two venvs with different torch builds rebuild each other's op (~40 s at the start of
+    a run). One folder per interpreter keeps each build."""
+    from clp_ray.cache import cache_root
+
+    key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return cache_root() / "torch_extensions" / f"{Path(sys.prefix).name}-{key}"
 
 
 def output_folder(prep: PreparedRun) -> Path:

@@ -137,9 +137,9 @@ class TrainWorker:
                 set_rng_state(torch.load(Path(d) / f"rng_rank{self.rank}.pt", weights_only=False))
         self.state.attempt += 1
         self.resumed_from = self.state.global_step
-        log.info("start: attempt %d at optimizer step %d/%d (%d micro-batches/epoch/rank, %d trainable of %d params)",
-                 self.state.attempt, self.resumed_from, self.plan.total_opt, self.plan.micro_per_epoch,
-                 self.trainable, self.total_params)
+        log.info("start: attempt %d at optimizer step %d/%d (%d micro-batches/epoch/rank, %d trainable of %d params, "
+                 "%d torch threads)", self.state.attempt, self.resumed_from, self.plan.total_opt,
+                 self.plan.micro_per_epoch, self.trainable, self.total_params, torch.get_num_threads())
         if self.state.dev_init is None:
             self.state.dev_init = self.evaluate()
             if self.tracker:
