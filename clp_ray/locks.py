@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from clp_ray.errors import ClpRayError
 from clp_ray.cache import cache_root
+from clp_ray.errors import ClpRayError
 
 
 def lock_file(kind: str, *keys: str) -> Path:

@@ -35,8 +35,8 @@ import torch
 from transformers import BertConfig, BertModel, XLMRobertaTokenizerFast
 
 from clp_ray.atomic import atomic_path
-from clp_ray.errors import ClpRayError
 from clp_ray.cache import cache_root
+from clp_ray.errors import ClpRayError
 
 log = logging.getLogger(__name__)
 

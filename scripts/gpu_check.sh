@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks, for a machine with a CUDA GPU (CI has none): the @pytest.mark.gpu tests, then the
 # MoE overhead benchmark on the GPU at the 2048 tokens and at 16384, fp32 and bf16, and the
-# whole BGE-M3-shaped encoder step with and without an upcycled layer (benchmarks/moe_step.py).
+# whole BGE-M3-shaped encoder step with and without an upcycled layer (benchmarks/moe_step.py),
+# and jobs/train.py's step with its tokens/s and MFU (benchmarks/train_mfu.py).
 # GPU_CHECK_BENCHMARKS=0 runs the tests alone.
 #
 #   scripts/gpu_check.sh [LOG_DIR]        (default: outputs/gpu_check)
@@ -38,7 +39,7 @@ for name in ("transformers", "tokenizers", "deepspeed", "pydantic"):
     print(name, mods[name].__version__)
 EOF
 [ "${PIPESTATUS[0]}" = 0 ] || exit 2
-rm -f "$logs"/moe_overhead_cuda_*.txt "$logs"/moe_step_cuda.txt
+rm -f "$logs"/moe_overhead_cuda_*.txt "$logs"/moe_step_cuda.txt "$logs"/train_mfu_cuda.*
 
 "$py" -m pytest -p no:cacheprovider -v -m gpu tests/test_gpu.py 2>&1 | tee "$logs/gpu_tests.log"
 rc=${PIPESTATUS[0]}
@@ -51,6 +52,8 @@ if [ "${GPU_CHECK_BENCHMARKS:-1}" = 1 ]; then
     done
   done
   "$py" benchmarks/moe_step.py --device cuda --dtype bf16 2>&1 | tee "$logs/moe_step_cuda.txt"
+  # jobs/train.py's step (ZeRO-2 bf16, BGE-M3 shape, 8 passages of 256 tokens): tokens/s and MFU.
+  "$py" benchmarks/train_mfu.py --device cuda --summary "$logs/train_mfu_cuda.json" 2>&1 | tee "$logs/train_mfu_cuda.txt"
 fi
 echo "gpu tests exit status: $rc"
 exit "$rc"

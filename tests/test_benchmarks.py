@@ -174,3 +174,26 @@ def test_train_e2e_report_compares_against_the_best_peer_and_the_code_before(cap
     assert out["ratios_after_over_before"]["examples_per_s"] == [1.5, 1.1]
     assert out["ratios_after_over_before"]["first_step_s"] == [0.5, 0.5]
     assert "examples_per_s 1.30x (range 1.10-1.50)" in capsys.readouterr().out
+
+
+def test_train_mfu_counts_the_step_flops_of_both_train_only_policies(tmp_path):
+    """A small CPU shape: the counted FLOPs match the dense arithmetic (all: forward + backward of
+    every layer; moe: the backward stops at the last layer, so fewer FLOPs), tokens are exact."""
+    out = tmp_path / "mfu.json"
+    run = subprocess.run([sys.executable, "benchmarks/train_mfu.py", "--device", "cpu", "--layers", "2", "--hidden", "64",
+                          "--intermediate", "128", "--queries", "2", "--group", "2", "--query-len", "8",
+                          "--passage-len", "16", "--steps", "2", "--peak-tflops", "1", "--summary", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["train_only"]: r for r in json.loads(out.read_text())["rows"]}
+    # 2 queries + 2x2 passages + 2 negative queries (lam 0.1), each full length (+2 special tokens fit the cut).
+    assert rows["all"]["tokens_per_step"] == 2 * 8 + 4 * 16 + 2 * 8
+    h, i, layers = 64, 128, 2
+    tokens = rows["all"]["tokens_per_step"]
+    dense_forward = 2 * tokens * layers * (4 * h * h + 2 * h * i)  # Q, K, V, O and the FFN's two Linears
+    assert rows["all"]["tflop_per_step"] * 1e12 >= 3 * dense_forward  # + attention scores, the upcycled router
+    assert rows["moe"]["tflop_per_step"] < rows["all"]["tflop_per_step"]
+    assert rows["moe"]["trainable_params"] < rows["all"]["trainable_params"]
+    for r in rows.values():
+        assert r["mfu"] == r["tflops"] / 1.0 and r["tokens_per_s"] == tokens / r["step_s"]
+    assert "train_only=all" in run.stdout and "MFU" in run.stdout

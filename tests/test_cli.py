@@ -63,8 +63,8 @@ def test_a_local_ray_instance_runs_no_preemption_watcher_unless_asked(monkeypatc
     PreemptionWatcher off, a user's own setting wins, and a cluster address keeps Ray's default."""
     import ray
 
-    from clp_ray.config import load_config
     from clp_ray.cache import cache_root
+    from clp_ray.config import load_config
     from clp_ray.train import ensure_ray
     from clp_ray.train.run import extensions_dir
 
