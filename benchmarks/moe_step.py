@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+from encoder_shape import add_shape_args, check_shape_args  # benchmarks/ (the script's folder)
 
 from clp_ray.atomic import write_json
 from clp_ray.cli import add_summary_arg, int_at_least
@@ -31,23 +32,17 @@ positive = int_at_least(1)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_shape_args(ap)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--batch", type=positive, default=64)
     ap.add_argument("--seq", type=positive, default=256)
     ap.add_argument("--min-length", type=positive, default=None,
                     help="shortest real sequence length (default: half of --seq; --seq: no padding)")
-    ap.add_argument("--layers", type=positive, default=24)
-    ap.add_argument("--hidden", type=positive, default=1024)
-    ap.add_argument("--intermediate", type=positive, default=4096)
     ap.add_argument("--experts", type=positive, nargs="+", default=[2, 8])
     ap.add_argument("--repeats", type=positive, default=10)
     add_summary_arg(ap)
     args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA GPU is visible to torch")
-    if args.hidden % 64:
-        ap.error(f"--hidden {args.hidden}: must be a multiple of 64 (attention heads of 64)")
+    check_shape_args(ap, args)
     min_length = args.min_length or max(1, args.seq // 2)
     if min_length > args.seq:
         ap.error(f"--min-length {min_length}: must be at most --seq {args.seq}")

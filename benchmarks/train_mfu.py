@@ -35,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from encoder_shape import add_shape_args, check_shape_args  # noqa: E402  (benchmarks/, the script's folder)
+
 from clp_ray.atomic import write_json  # noqa: E402
 from clp_ray.cli import add_summary_arg, int_at_least  # noqa: E402
 
@@ -137,11 +139,8 @@ def measure(args, train_only: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_shape_args(ap)
     ap.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
-    ap.add_argument("--layers", type=positive, default=24)
-    ap.add_argument("--hidden", type=positive, default=1024)
-    ap.add_argument("--intermediate", type=positive, default=4096)
     ap.add_argument("--queries", type=positive, default=16, help="queries per step (per device)")
     ap.add_argument("--group", type=int_at_least(2), default=8, help="passages per query: 1 positive + hard negatives")
     ap.add_argument("--query-len", type=int_at_least(8), default=64)
@@ -152,10 +151,7 @@ def main() -> None:
                     help="the device's dense peak for --precision (default: 790 on cuda, the H200's bf16 figure)")
     add_summary_arg(ap)
     args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA GPU is visible to torch")
-    if args.hidden % 64:
-        ap.error(f"--hidden {args.hidden}: must be a multiple of 64 (attention heads of 64)")
+    check_shape_args(ap, args)
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if args.peak_tflops is None and args.device == "cuda":
         args.peak_tflops = 790.0

@@ -17,6 +17,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
+from clp_ray.cache import cache_root
 from clp_ray.config import ExperimentConfig
 from clp_ray.errors import ClpRayError
 from clp_ray.storage import filesystem, folder_exists, join, local_folder, location
@@ -71,8 +72,6 @@ def extensions_dir() -> Path:
     torch's default, ``~/.cache/torch_extensions/py311_cpu``, is shared by every environment with the
     same Python: two venvs with different torch builds rebuild each other's op (~40 s at the start of
     a run). One folder per interpreter keeps each build."""
-    from clp_ray.cache import cache_root
-
     key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
     return cache_root() / "torch_extensions" / f"{Path(sys.prefix).name}-{key}"
 
