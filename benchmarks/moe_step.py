@@ -22,12 +22,10 @@ import statistics
 import time
 
 import torch
-from encoder_shape import add_shape_args, check_shape_args  # benchmarks/ (the script's folder)
+from encoder_shape import add_shape_args, check_shape_args, positive  # benchmarks/ (the script's folder)
 
 from clp_ray.atomic import write_json
-from clp_ray.cli import add_summary_arg, int_at_least
-
-positive = int_at_least(1)
+from clp_ray.cli import add_summary_arg
 
 
 def main() -> None:

@@ -159,8 +159,10 @@ def before_checkout(work: Path, rev: str) -> Path:
         sys.exit(f"error: --before {rev}: not a commit of this repository")
     path = work / f"src-{sha.stdout.strip()[:12]}"
     if not (path / "jobs" / "train.py").exists():
-        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(path), sha.stdout.strip()], cwd=ROOT,
-                       check=True, capture_output=True)
+        add = subprocess.run(["git", "worktree", "add", "--detach", "--force", str(path), sha.stdout.strip()],
+                             cwd=ROOT, capture_output=True, text=True)
+        if add.returncode != 0:
+            sys.exit(f"error: --before {rev}: git worktree add {path} failed: {add.stderr.strip()}")
     return path
 
 
@@ -284,21 +286,20 @@ def report(rounds: list[dict[str, Measured]], args) -> dict:
     peer = max(peers, key=lambda n: statistics.median(r[n].examples_per_s for r in rounds))
     ratios = {"examples_per_s": [r[clp].examples_per_s / r[peer].examples_per_s for r in rounds],
               "wall_time": [r[clp].wall_s / min(r[n].wall_s for n in peers) for r in rounds]}
-    before = next((n for n in names if n.startswith("clp-ray before")), None)
-    after = {}
-    if before:
-        after = {k: [getattr(r[clp], k) / getattr(r[before], k) for r in rounds]
-                 for k in ("wall_s", "first_step_s", "examples_per_s")}
     print(f"clp-ray / best peer: steady-state examples/s {spread(ratios['examples_per_s'])} vs {peer} "
           f"(target >= 1.2x), wall time {spread(ratios['wall_time'])} vs the fastest command (target <= 1.0x); "
           f"clp-ray's first step after {statistics.median(r[clp].first_step_s for r in rounds):.1f} s (target <= 30 s)")
+    before = next((n for n in names if n.startswith("clp-ray before")), None)
+    after = {k: [getattr(r[clp], k) / getattr(r[before], k) for r in rounds]
+             for k in ("wall_s", "first_step_s", "examples_per_s")} if before else {}
     if before:
         print("this checkout / " + before + ": " + ", ".join(f"{k} {spread(v)}" for k, v in after.items()))
-    if flag_embedding_reason():
-        print(f"FlagEmbedding not measured: {flag_embedding_reason()}")
+    flag = flag_embedding_reason()
+    if flag:
+        print(f"FlagEmbedding not measured: {flag}")
     return {"steps": args.steps, "batch": BATCH, "group": GROUP, "lengths": [QUERY_LEN, PASSAGE_LEN],
             "rounds": [{k: asdict(v) for k, v in r.items()} for r in rounds], "ratios_clp_over_peer": ratios,
-            "ratios_after_over_before": after or None, "peer": peer, "flag_embedding": flag_embedding_reason()}
+            "ratios_after_over_before": after or None, "peer": peer, "flag_embedding": flag}
 
 
 def main() -> None:

@@ -35,12 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from encoder_shape import add_shape_args, check_shape_args  # noqa: E402  (benchmarks/, the script's folder)
+from encoder_shape import add_shape_args, check_shape_args, positive  # noqa: E402  (benchmarks/, the script's folder)
 
 from clp_ray.atomic import write_json  # noqa: E402
 from clp_ray.cli import add_summary_arg, int_at_least  # noqa: E402
-
-positive = int_at_least(1)
 
 
 def words(n_tokens: int, seed: int) -> str:
