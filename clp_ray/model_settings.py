@@ -11,8 +11,8 @@ Order, per setting (the first that says wins):
    :func:`clp_ray.config.build_config`.
 2. **the folder**: ``clp_ray.json`` (written by clp-ray), else sentence-transformers' own files —
    ``modules.json`` (a ``Normalize`` module means normalised embeddings), the Pooling module's
-   ``config.json`` (``cls`` or ``mean``), ``sentence_bert_config.json`` (``max_seq_length``, for
-   queries and passages alike) and ``config_sentence_transformers.json`` (prompts ``query`` and
+   ``config.json`` (``cls`` or ``mean``), ``sentence_bert_config.json`` (``query_length`` and
+   ``document_length``, else ``max_seq_length`` for queries and passages alike) and ``config_sentence_transformers.json`` (prompts ``query`` and
    ``passage``/``document``, used as prefixes).
 3. **defaults**: CLS pooling, normalised, 64 query / 256 passage tokens, no prefixes.
 
@@ -122,7 +122,7 @@ def _sentence_transformers_settings(root: Path) -> dict[str, tuple[Any, str]]:
     out: dict[str, tuple[Any, str]] = {}
     modules = _read_json(root / "modules.json")
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
-    unsupported = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
+    unsupported = [k for k in kinds if k not in ("Transformer", "MoETransformer", "Pooling", "Normalize")]
     if unsupported:
         raise ClpRayError(f"{root / 'modules.json'}: sentence-transformers module(s) {', '.join(unsupported)} are not "
                           "supported by clp-ray's Embedder (Transformer, Pooling and Normalize are)")
@@ -139,6 +139,10 @@ def _sentence_transformers_settings(root: Path) -> dict[str, tuple[Any, str]]:
             raise ClpRayError(f"{bert_config}: do_lower_case is true; clp-ray's Embedder does not lower-case its input")
         if cfg.get("max_seq_length"):
             out["query_max_len"] = out["passage_max_len"] = (int(cfg["max_seq_length"]), bert_config.name)
+        # sentence-transformers 6's per-task lengths (what encode_query / encode_document truncate at)
+        for key, name in (("query_max_len", "query_length"), ("passage_max_len", "document_length")):
+            if cfg.get(name):
+                out[key] = (int(cfg[name]), f"{bert_config.name} {name}")
     st_config = root / "config_sentence_transformers.json"
     if st_config.is_file():
         prompts = _read_json(st_config).get("prompts") or {}

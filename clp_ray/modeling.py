@@ -30,6 +30,7 @@ from clp_ray.atomic import atomic_path
 from clp_ray.errors import ClpRayError
 from clp_ray.model_settings import KINDS, META_FILE, SETTING_KEYS, ST_FILES, EmbedSettings, read_meta, resolve
 from clp_ray.moe import MoESpec, apply_spec, moe_spec_of, token_mask, upcycle
+from clp_ray.st_files import write_sentence_transformers_files
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class Embedder(nn.Module):
         """
         resolved = resolve(settings_folder(name_or_path), overrides)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-        encoder = _load_encoder(str(name_or_path))
+        encoder = load_encoder(str(name_or_path))
         emb = cls(encoder, tokenizer, **resolved.settings.to_dict())
         emb.settings_sources = resolved.sources
         log.info("loaded %s: %s", name_or_path, resolved.describe())
@@ -104,7 +105,9 @@ class Embedder(nn.Module):
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """Write a folder that :meth:`from_pretrained` restores exactly; atomic (temp + rename).
         The MoE layout is read from the modules, so a model upcycled with the module-level
-        :func:`clp_ray.moe.upcycle` saves its experts and routers too."""
+        :func:`clp_ray.moe.upcycle` saves its experts and routers too. sentence-transformers' own
+        files are written as well (:mod:`clp_ray.st_files`): ``SentenceTransformer(folder)`` gives
+        the same embeddings (``trust_remote_code=True`` for an MoE folder)."""
         out = Path(out_dir)
         spec = self.moe_spec
         with atomic_path(out, is_dir=True) as tmp:
@@ -113,6 +116,7 @@ class Embedder(nn.Module):
             self.tokenizer.save_pretrained(tmp)
             meta = {"format": _FORMAT, **self.settings.to_dict(), "moe": spec.to_dict() if spec else None}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            write_sentence_transformers_files(tmp, self.settings, self.dim, moe=spec is not None, versions=_versions())
         return out
 
     # ---------------------------------------------------------------- compute
@@ -204,7 +208,7 @@ def settings_folder(name_or_path: str | os.PathLike) -> Optional[Path]:
         return None
 
 
-def _load_encoder(source: str) -> nn.Module:
+def load_encoder(source: str) -> nn.Module:
     """The encoder of a folder or hub id, every weight loaded or the load fails naming them."""
     moe = read_meta(source).get("moe") if Path(source).is_dir() else None
     if moe:
@@ -218,6 +222,19 @@ def _load_encoder(source: str) -> nn.Module:
     mismatched = [str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or []]
     _fail_on_weight_problems(source, missing, unexpected, mismatched)
     return encoder
+
+
+def _versions() -> dict:
+    """What wrote the folder (sentence-transformers' ``__version__`` entry)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import transformers
+
+    try:
+        ours = version("clp-ray")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        ours = "unknown"
+    return {"clp_ray": ours, "transformers": transformers.__version__, "pytorch": torch.__version__}
 
 
 def _fail_on_weight_problems(source, missing, unexpected, mismatched=()) -> None:

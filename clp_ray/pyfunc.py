@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import mlflow.pyfunc
 import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 PREDICT_BATCH_SIZE = 32  # texts per forward pass unless predict gets params={"batch_size": N}
 # What the texts are unless predict gets params={"kind": "passage"}: it picks the model's prefix
 # (E5's "query: " / "passage: ") and max length. Queries are what a serving endpoint embeds most.
 PREDICT_KIND = "query"
+# The most texts one predict call embeds: a larger request is refused (a 400 from a serving
+# endpoint) rather than holding the server for minutes.
+MAX_PREDICT_TEXTS = 2048
 
 class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
     """``predict(["text", ...], params={"kind": "query"|"passage", "batch_size": N})`` -> float32
@@ -35,21 +40,44 @@ class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
         batch_size = int(params.get("batch_size", PREDICT_BATCH_SIZE))
         kind = params.get("kind", PREDICT_KIND)
         if kind not in ("query", "passage"):
-            raise ValueError(f"params['kind'] must be 'query' or 'passage', got {kind!r}")
+            raise BadInput(f"params['kind'] must be 'query' or 'passage', got {kind!r}")
+        if batch_size < 1:
+            raise BadInput(f"params['batch_size'] must be >= 1, got {batch_size}")
         return self.embedder.encode(texts, batch_size=batch_size, kind=kind).numpy().astype("float32")
+
+
+class BadInput(MlflowException, TypeError):
+    """Input predict cannot embed. An MlflowException with INVALID_PARAMETER_VALUE is what
+    MLflow's scoring server answers with a 400 carrying this message (any other error is a 400
+    whose message only says the model failed); a TypeError for callers that catch that."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def _as_text_list(model_input) -> list[str]:
     # pandas input (e.g. from a serving endpoint): take its only column.
     if hasattr(model_input, "columns") and hasattr(model_input, "iloc"):
         if len(model_input.columns) != 1:
-            raise TypeError(f"expected one column of strings, got columns {list(model_input.columns)}")
+            raise BadInput(f"expected one column of strings, got columns {list(model_input.columns)}")
         model_input = model_input.iloc[:, 0].tolist()
-    if isinstance(model_input, np.ndarray) and model_input.ndim == 1:
+    # `mlflow models serve` hands {"inputs": [...]} over as a numpy array (of str, or of objects
+    # when the items are mixed); a 2-D array is a list of lists, not texts.
+    if isinstance(model_input, np.ndarray):
+        if model_input.ndim == 0:
+            raise BadInput(f"predict expects a list of strings, got a single {type(model_input.item()).__name__}: "
+                           "wrap it in a list")
+        if model_input.ndim != 1:
+            raise BadInput(f"predict expects a list of strings, got an array of shape {list(model_input.shape)}")
         model_input = model_input.tolist()
     if isinstance(model_input, str) or not isinstance(model_input, (list, tuple)):
-        raise TypeError(f"predict expects a list of strings, got {type(model_input).__name__}")
+        raise BadInput(f"predict expects a list of strings, got {type(model_input).__name__}")
     bad = [i for i, t in enumerate(model_input) if not isinstance(t, str)]
     if bad:
-        raise TypeError(f"predict expects a list of strings; item {bad[0]} is {type(model_input[bad[0]]).__name__}")
+        raise BadInput(f"predict expects a list of strings; item {bad[0]} is {type(model_input[bad[0]]).__name__}")
+    if not model_input:
+        raise BadInput("predict expects a non-empty list of strings, got an empty list")
+    if len(model_input) > MAX_PREDICT_TEXTS:
+        raise BadInput(f"predict embeds at most {MAX_PREDICT_TEXTS} texts per call, got {len(model_input)}: "
+                       "split the request")
     return list(model_input)

@@ -5,9 +5,12 @@ NaN never wins or blocks; promotions of one model serialised by a file lock).
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,20 +42,46 @@ def log_embedder_model(tracker: Tracker, model_dir: str | os.PathLike, *, regist
     signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("batch_size", DataType.long, PREDICT_BATCH_SIZE),
                                                                 ParamSpec("kind", DataType.string, PREDICT_KIND)]))
     mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=tracker.run_id), warnings.catch_warnings():
+    with mlflow.start_run(run_id=tracker.run_id), warnings.catch_warnings(), tempfile.TemporaryDirectory() as code:
         # MLflow warns when no input example is given, but one would make it load and run the
         # model at logging time; the params-only signature above is complete without it.
         warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
-        # clp-ray itself must be installed where the model is loaded (it defines the model class).
+        # The model carries the clp-ray code that defines it (MLflow puts code_paths first on
+        # sys.path where it loads the model) and pins what that code imports, so any env manager
+        # can build its environment: "clp-ray" is on no package index.
         info = mlflow.pyfunc.log_model(
             name="model", python_model=EmbedderPyfunc(), artifacts={"embedder": str(model_dir)},
-            pip_requirements=["clp-ray"], signature=signature,
+            code_paths=[str(package_code(Path(code)))], pip_requirements=serving_requirements(), signature=signature,
         )
     if not registered_name:
         return info
     client = tracker.client
     version = mlflow.register_model(info.model_uri, registered_name, tags={k: redact(str(v)) for k, v in (tags or {}).items()})
     return client.get_model_version(registered_name, version.version)
+
+
+# What the pyfunc's code imports where a model is served (clp_ray.pyfunc -> clp_ray.modeling).
+SERVING_DISTRIBUTIONS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "numpy", "tqdm")
+
+
+def serving_requirements() -> list[str]:
+    """Pins of the distributions the pyfunc imports, at the versions installed here."""
+    return [f"{name}=={_installed_version(name)}" for name in SERVING_DISTRIBUTIONS]
+
+
+def _installed_version(name: str) -> str:
+    version = importlib.metadata.version(name)
+    # A local build tag (torch's "+cpu") names a wheel of the PyTorch index, not of PyPI.
+    return version.split("+", 1)[0]
+
+
+def package_code(into: Path) -> Path:
+    """A copy of the clp_ray package's Python files (no data assets, no bytecode) under ``into``."""
+    src = Path(__file__).resolve().parent
+    dst = into / "clp_ray"
+    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if not (n.endswith(".py") or (Path(d) / n).is_dir())
+                                                        or n in ("__pycache__", "assets")])
+    return dst
 
 
 @dataclass

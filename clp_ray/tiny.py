@@ -22,13 +22,14 @@ from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaMo
 from clp_ray.atomic import atomic_path
 from clp_ray.cache import cache_root  # noqa: F401  (re-exported: clp_ray.tiny.cache_root)
 from clp_ray.config import ASSETS_DIR, TinyModelConfig
-from clp_ray.model_settings import META_FILE
+from clp_ray.model_settings import META_FILE, EmbedSettings
+from clp_ray.st_files import write_sentence_transformers_files
 
 log = logging.getLogger(__name__)
 
 TEXT_FILE = ASSETS_DIR / "ko_help" / "corpus.jsonl"
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R ids 0..3, mask last
-_FORMAT = 2  # bump when the build below changes
+_FORMAT = 3  # bump when the build below changes
 # How the tiny model embeds, written into its folder (clp_ray.json) so it describes itself
 # wherever it is loaded: a random encoder has no trained CLS token, and mean pooling learns fast.
 SETTINGS = {"pooling": "mean", "normalize": True, "query_max_len": 32, "passage_max_len": 128}
@@ -91,3 +92,4 @@ def _build(spec: TinyModelConfig, out: Path) -> None:
         model = XLMRobertaModel(config, add_pooling_layer=False)
     model.save_pretrained(out)
     (out / META_FILE).write_text(json.dumps({"format": 2, **SETTINGS, "moe": None}, indent=2) + "\n")
+    write_sentence_transformers_files(out, EmbedSettings(**SETTINGS), spec.hidden_size, moe=False)

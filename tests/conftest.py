@@ -112,3 +112,85 @@ def run_in_process(script: str, *args: str):
         ray.shutdown()
     assert not started, f"jobs/{script} {' '.join(args)} started Ray: run it as a subprocess"
     return subprocess.CompletedProcess([script, *args], rc, out.getvalue(), err.getvalue())
+
+
+# ------------------------------------------------------------------ HTTP servers started by tests
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body=None, *, raw: bytes | None = None, timeout: float = 60):
+    """``(status, parsed JSON or text)`` of one request; HTTP errors are answers, not exceptions."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def wait_until_up(url: str, proc=None, timeout: float = 180) -> None:
+    """Poll ``url`` until it answers 200 (fail early if ``proc`` exits first)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
+
+
+def register_model(tracking_uri: str, folder, name: str = "clp-ray-hi", score: float = 0.5, *, promote: bool = True) -> str:
+    """Log ``folder`` as a new version of ``name`` in the store at ``tracking_uri`` (tagged with
+    ``score``; moved to @champion when ``promote``). Returns the version."""
+    from clp_ray.config import load_config
+    from clp_ray.registry import log_embedder_model, promote_if_better
+    from clp_ray.tracking import start_run
+
+    cfg = load_config(name.rsplit("-", 1)[-1], "tiny", [f"tracking.tracking_uri={tracking_uri}"])
+    tracker = start_run(cfg, "registered-by-test")
+    mv = log_embedder_model(tracker, folder, registered_name=name, tags={"test_ndcg_at_10": score, "eval_set_hash": "h1"})
+    tracker.end()
+    if promote:
+        assert promote_if_better(tracking_uri, name, mv.version).promoted
+    return str(mv.version)
+
+
+def perturbed_moe_folder(path, out, seed: int = 0, layers=(0, -1)):
+    """The model at ``path`` upcycled (3 experts) with distinct experts and a random router, saved
+    to ``out``: an MoE model whose output differs from the dense one."""
+    from clp_ray.modeling import Embedder
+    from clp_ray.moe import moe_layers
+
+    emb = Embedder.from_pretrained(path)
+    emb.upcycle(list(layers), num_experts=3, top_k=1)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in moe_layers(emb.encoder):
+            m.router.weight.normal_(generator=gen)
+            for ex in m.experts:
+                ex.weight.add_(torch.randn(ex.weight.shape, generator=gen) * 0.1)
+    return emb.save_pretrained(out)

@@ -115,7 +115,7 @@ def test_registered_model_loads_in_a_fresh_process(mlflow_cfg, moe_folder, tmp_p
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert "predict expects a list of strings, got str" in p.stdout
-    assert "batch_size must be >= 1, got 0" in p.stdout
+    assert "params['batch_size'] must be >= 1, got 0" in p.stdout
     assert "Add type hints to the `predict` method" not in p.stderr  # MLflow's per-import warning is off
 
     # The same URI works wherever a model reference is accepted.
