@@ -32,7 +32,7 @@ import yaml
 # Ray's own cluster-config validation has no public API; these two functions are what `ray up` runs.
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-PRIVATE_PORTS = {8265: "dashboard / job API", 6379: "GCS", 10001: "Ray client"}
+PRIVATE_PORTS = {8265: "dashboard / job API", 6379: "GCS", 10001: "Ray client", 8000: "Ray Serve HTTP, unauthenticated"}
 PUBLIC_HOSTS = {"0.0.0.0", "::", "[::]", "0:0:0:0:0:0:0:0"}
 _SEPARATORS = re.compile(r"\s*(?:;|&&|\|\||\||\n)\s*")
 

@@ -319,6 +319,32 @@ class AblationConfig(_Section):
         return self
 
 
+LANG_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class ServeConfig(_Section):
+    """``jobs/serve.py`` / ``serve run``: the Ray Serve app answering ``POST /v1/embeddings`` with
+    every language's ``@alias`` model (one deployment, one model per language multiplexed in it)."""
+
+    langs: list[Annotated[str, Field(pattern=LANG_NAME)]] = Field(default_factory=list)  # []: the config's lang
+    alias: str = Field("champion", min_length=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    # @serve.batch: requests of one replica embedded in one forward pass (grouped per model)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    encode_batch_size: int = Field(64, ge=1)  # texts per forward pass inside one batch
+    max_inputs_per_request: int = Field(256, ge=1)
+    # How often each replica asks MLflow where @alias points; a new version is loaded, then served.
+    poll_interval_s: float = Field(30.0, gt=0)
+    # LRU of loaded models per replica (None: 2 per language, so old and new fit during a switch).
+    max_models_per_replica: Optional[int] = Field(None, ge=1)
+
+
 class ExperimentConfig(_Section):
     # It names runs, output folders, MLflow experiments and registered models: no path characters.
     lang: str = Field("hi", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -334,6 +360,7 @@ class ExperimentConfig(_Section):
     mining: MiningConfig = MiningConfig()
     ray: RayConfig = RayConfig()
     ablation: AblationConfig = AblationConfig()
+    serve: ServeConfig = ServeConfig()
 
     # Per dotted key, the file:line or --set that wrote it (set by load_config). Not part of the
     # config's value: equality, the hash and the dump ignore it; a config rebuilt from a dict has none.

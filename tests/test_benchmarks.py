@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,3 +198,32 @@ def test_train_mfu_counts_the_step_flops_of_both_train_only_policies(tmp_path):
     for r in rows.values():
         assert r["mfu"] == r["tflops"] / 1.0 and r["tokens_per_s"] == tokens / r["step_s"]
     assert "train_only=all" in run.stdout and "MFU" in run.stdout
+
+
+@pytest.mark.slow
+def test_serve_throughput_benchmark_measures_mlflow_serve_and_checks_its_arguments(tmp_path):
+    """The mlflow side end to end on the tiny model (the Ray Serve side starts Ray: run by hand,
+    see benchmarks/RESULTS.md); percentiles and the summary's shape."""
+    script = ROOT / "benchmarks" / "serve_throughput.py"
+    bad = subprocess.run([sys.executable, str(script), "--levels", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--levels must be positive" in bad.stderr
+    summary = tmp_path / "s.json"
+    p = subprocess.run([sys.executable, str(script), "--model", "tiny", "--servers", "mlflow", "--levels", "1,2",
+                        "--duration", "1.5", "--work", str(tmp_path / "w"), "--summary", str(summary)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(summary.read_text())
+    rows = out["results"]["mlflow"]
+    assert [r["clients"] for r in rows] == [1, 2] and all(r["requests"] > 5 and r["errors"] == 0 for r in rows)
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows) and out["errors"] == 0
+
+
+def test_serve_throughput_percentile_interpolates_between_order_statistics():
+    spec = importlib.util.spec_from_file_location("serve_throughput", ROOT / "benchmarks" / "serve_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serve_throughput"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    percentile = module.percentile
+
+    assert percentile([4, 1, 3, 2], 0.5) == 2.5 and percentile([1, 2, 3, 4, 5], 0.99) == pytest.approx(4.96)
+    assert percentile([7], 0.99) == 7

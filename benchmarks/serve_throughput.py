@@ -1,0 +1,304 @@
+"""Serving throughput: the Ray Serve app (jobs/serve.py) vs `mlflow models serve`, same registered model.
+
+One registered version (``--model``: the local profile's multilingual-e5-small by default, or
+``tiny``) in a fresh SQLite store; each server is started in turn (never both at once: they would
+share the CPUs), warmed up, then loaded by 1, 8 and 32 concurrent clients (threads with keep-alive
+connections), each sending one query per request for ``--duration`` seconds. Per server and level:
+requests/s, p50 and p99 latency, errors. Both servers' answers to the same texts are compared first
+(the same model must give the same vectors).
+
+The Ray Serve app runs as the local profile does: one replica per core, one torch thread each.
+Targets: the Ray Serve app >= 2x mlflow's requests/s at 32 clients (batching is the point), and its
+p99 <= 2x its p50 at 8 clients.
+
+    python benchmarks/serve_throughput.py [--model tiny] [--levels 1,8,32] [--duration 15] [--summary F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clp_ray.atomic import write_json  # noqa: E402
+from clp_ray.cli import add_summary_arg  # noqa: E402
+
+log = logging.getLogger("serve_throughput")
+SERVERS = ("ray_serve", "mlflow")
+TARGET_RPS_RATIO = 2.0
+TARGET_P99_OVER_P50 = 2.0
+
+
+@dataclass
+class Level:
+    clients: int
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch_size: Optional[float] = None  # requests per forward pass (Ray Serve's /stats)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-quantile (0..1) by linear interpolation between order statistics."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+class Client:
+    """One keep-alive connection posting JSON; ``post`` -> (status, parsed body)."""
+
+    def __init__(self, port: int):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        r = self.conn.getresponse()
+        raw = r.read()
+        try:
+            return r.status, json.loads(raw or b"{}")
+        except ValueError:  # a proxy's plain-text error page
+            return r.status, {"text": raw.decode(errors="replace")[:500]}
+
+    def get(self, path: str) -> dict:
+        self.conn.request("GET", path)
+        return json.loads(self.conn.getresponse().read())
+
+
+def load(port: int, path: str, make_body, texts: list[str], clients: int, duration: float) -> Level:
+    """``clients`` threads posting one text per request for ``duration`` seconds."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start = time.monotonic() + 0.2
+    end = start + duration
+
+    def run(i: int) -> None:
+        c, n = Client(port), i
+        while time.monotonic() < start:
+            time.sleep(0.005)
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                status, _ = c.post(path, make_body([texts[n % len(texts)]]))
+            except OSError:
+                status, c = 0, Client(port)
+            if status == 200:
+                latencies[i].append(time.monotonic() - t0)
+            else:
+                errors[i] += 1
+            n += clients
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = [x for per in latencies for x in per]
+    seconds = time.monotonic() - start
+    return Level(clients, len(done), sum(errors), round(seconds, 2), len(done) / seconds,
+                 percentile(done, 0.5) * 1e3, percentile(done, 0.99) * 1e3)
+
+
+# ---------------------------------------------------------------------------------- servers
+
+
+def register(model: str, work: Path) -> str:
+    from clp_ray.config import load_config
+    from clp_ray.model_refs import resolve_source
+    from clp_ray.modeling import Embedder
+    from clp_ray.registry import log_embedder_model, promote_if_better
+    from clp_ray.tracking import start_run
+
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    folder = Embedder.from_pretrained(resolve_source(model)).save_pretrained(work / "model")
+    cfg = load_config("hi", "tiny", [f"tracking.tracking_uri={uri}"])
+    tracker = start_run(cfg, "serve-benchmark")
+    mv = log_embedder_model(tracker, folder, registered_name="clp-ray-hi", tags={"test_ndcg_at_10": 0.5})
+    tracker.end()
+    promote_if_better(uri, "clp-ray-hi", mv.version)
+    return uri
+
+
+def _env() -> dict:
+    bin_dir = Path(sys.executable).parent  # uvicorn, mlflow and ray from this environment
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def start_server(kind: str, uri: str, port: int, work: Path, cpus: int, replicas: int = 1) -> subprocess.Popen:
+    logf = open(work / f"{kind}.log", "w")
+    if kind == "mlflow":
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/clp-ray-hi@champion",
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+        env = {**_env(), "MLFLOW_TRACKING_URI": uri}
+    else:
+        cmd = [sys.executable, str(ROOT / "jobs/serve.py"), "--lang", "hi", "--profile", "tiny", "--port", str(port),
+               "--set", f"tracking.tracking_uri={uri}", "--set", f"serve.num_cpus={cpus}",
+               "--set", f"serve.num_replicas={replicas}", "--set", f"ray.num_cpus={cpus * replicas}",
+               "--summary", str(work / "ray_serve.json")]
+        env = _env()
+    return subprocess.Popen(cmd, cwd=work, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, port: int, path: str, body: dict, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering")
+        try:
+            if Client(port).post(path, body)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"no answer on port {port} within {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+ENDPOINTS = {
+    "mlflow": ("/invocations", lambda texts: {"inputs": texts}, lambda out: out["predictions"]),
+    "ray_serve": ("/v1/embeddings", lambda texts: {"model": "clp-ray-hi", "input": texts},
+                  lambda out: [d["embedding"] for d in out["data"]]),
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(kind: str, uri: str, work: Path, texts: list[str], levels: list[int], duration: float,
+            cpus: int, replicas: int = 1) -> tuple[list[Level], list, float]:
+    """Start ``kind``, check its answer to ``texts[:4]``, load it at each level, stop it."""
+    path, make_body, vectors_of = ENDPOINTS[kind]
+    port = free_port()
+    t0 = time.monotonic()
+    proc = start_server(kind, uri, port, work, cpus, replicas)
+    try:
+        wait_ready(proc, port, path, make_body(texts[:1]))
+        started = time.monotonic() - t0
+        status, out = Client(port).post(path, make_body(texts[:4]))
+        assert status == 200, out
+        probe = vectors_of(out)
+        load(port, path, make_body, texts, max(levels), min(3.0, duration))  # warm-up
+        results = []
+        for clients in levels:
+            before = Client(port).get("/stats") if kind == "ray_serve" else None
+            r = load(port, path, make_body, texts, clients, duration)
+            if before is not None:
+                after = Client(port).get("/stats")
+                r.mean_batch_size = (after["requests"] - before["requests"]) / max(1, after["batches"] - before["batches"])
+            results.append(r)
+            log.info("%-9s %2d clients: %7.1f req/s  p50 %7.1f ms  p99 %7.1f ms  (%d requests, %d errors)",
+                     kind, clients, r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors)
+        return results, probe, started
+    finally:
+        stop_server(proc)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="intfloat/multilingual-e5-small", help="model to register and serve (or 'tiny')")
+    ap.add_argument("--levels", default="1,8,32", help="concurrent clients, comma-separated")
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds of load per level")
+    ap.add_argument("--servers", default=",".join(SERVERS), help="which servers to measure")
+    # The local profile's layout: one 1-thread replica per core (mlflow's one process uses every core).
+    ap.add_argument("--cpus", type=int, default=1, help="CPUs (torch threads) per Ray Serve replica")
+    ap.add_argument("--replicas", type=int, default=max(1, os.cpu_count() or 2), help="Ray Serve replicas")
+    ap.add_argument("--work", default=None, help="folder for the store and logs (default: a temporary one)")
+    add_summary_arg(ap)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        levels = sorted({int(x) for x in args.levels.split(",")})
+        servers = [s.strip() for s in args.servers.split(",")]
+        if not levels or min(levels) < 1 or args.duration <= 0 or set(servers) - set(SERVERS):
+            raise ValueError
+    except ValueError:
+        print(f"error: --levels must be positive integers, --duration > 0, --servers among {', '.join(SERVERS)}",
+              file=sys.stderr)
+        return 2
+    work = Path(args.work or tempfile.mkdtemp(prefix="serve-bench-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    texts = bundled_queries()
+    uri = register(args.model, work)
+    results, probes, startup = {}, {}, {}
+    for kind in servers:
+        results[kind], probes[kind], startup[kind] = measure(kind, uri, work, texts, levels, args.duration, args.cpus,
+                                                             args.replicas)
+    summary = report(args, levels, results, probes, startup)
+    if args.summary:
+        write_json(args.summary, summary)
+    return 0
+
+
+def bundled_queries() -> list[str]:
+    from clp_ray.config import resolve_path
+
+    with open(resolve_path("pkg://ko_help/queries.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def report(args, levels, results, probes, startup) -> dict:
+    import numpy as np
+
+    summary = {"model": args.model, "levels": levels, "duration_s": args.duration, "cpus": args.cpus,
+               "replicas": args.replicas,
+               "startup_s": {k: round(v, 1) for k, v in startup.items()},
+               "results": {k: [asdict(r) for r in v] for k, v in results.items()}}
+    if len(probes) == 2:
+        summary["max_abs_diff_between_servers"] = float(np.abs(np.array(probes["ray_serve"]) - np.array(probes["mlflow"])).max())
+    print(f"\n{'server':<10} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6}")
+    for kind, rows in results.items():
+        for r in rows:
+            batch = f"{r.mean_batch_size:6.1f}" if r.mean_batch_size is not None else f"{'-':>6}"
+            print(f"{kind:<10} {r.clients:>7} {r.rps:>8.1f} {r.p50_ms:>8.1f} {r.p99_ms:>8.1f} {r.errors:>6} {batch}")
+    by = {k: {r.clients: r for r in v} for k, v in results.items()}
+    top, mid = max(levels), (8 if 8 in levels else None)
+    if {"ray_serve", "mlflow"} <= set(by):
+        ratio = by["ray_serve"][top].rps / by["mlflow"][top].rps
+        summary["rps_ratio_ray_over_mlflow"] = {str(c): by["ray_serve"][c].rps / by["mlflow"][c].rps for c in levels}
+        summary["target_rps_ratio_met"] = bool(top == 32 and ratio >= TARGET_RPS_RATIO)
+        print(f"\nRay Serve / mlflow req/s at {top} clients: {ratio:.2f}x (target >= {TARGET_RPS_RATIO}x at 32)")
+    if "ray_serve" in by and mid:
+        tail = by["ray_serve"][mid].p99_ms / by["ray_serve"][mid].p50_ms
+        summary["ray_p99_over_p50_at_8"] = tail
+        summary["target_tail_met"] = bool(tail <= TARGET_P99_OVER_P50)
+        print(f"Ray Serve p99 / p50 at 8 clients: {tail:.2f} (target <= {TARGET_P99_OVER_P50})")
+    summary["errors"] = sum(r.errors for rows in results.values() for r in rows)
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The Ray Serve app (jobs/serve.py) over real HTTP on 127.0.0.1: per-language embeddings, concurrent
+clients, the alias moving to a new version while requests run, and the error answers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import free_port, http, perturbed_moe_folder, register_model
+
+from clp_ray.modeling import Embedder
+
+ROOT = Path(__file__).resolve().parents[1]
+POLL_S = 1.0
+TEXTS = [f"{w} {i}" for i, w in enumerate(["셀 보호 해제", "Insert rows above", "차트 데이터 범위", "पासवर्ड बदलें"] * 4)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_path):
+    """hi v1 (dense), ko v1 (MoE), hi v2 (another MoE, registered but not promoted)."""
+    root = tmp_path_factory.mktemp("serve")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    folders = {"hi/1": Embedder.from_pretrained(tiny_path).save_pretrained(root / "hi1"),
+               "ko/1": perturbed_moe_folder(tiny_path, root / "ko1", seed=1),
+               "hi/2": perturbed_moe_folder(tiny_path, root / "hi2", seed=2)}
+    register_model(uri, folders["hi/1"], "clp-ray-hi", 0.5)
+    register_model(uri, folders["ko/1"], "clp-ray-ko", 0.5)
+    assert register_model(uri, folders["hi/2"], "clp-ray-hi", 0.6, promote=False) == "2"
+    expected = {}
+    for key, folder in folders.items():
+        emb = Embedder.from_pretrained(folder)
+        expected[key] = {kind: dict(zip(TEXTS, emb.encode(TEXTS, kind=kind).numpy())) for kind in ("query", "passage")}
+    return uri, root, expected
+
+
+@pytest.fixture(scope="module")
+def service(models):
+    uri, root, _ = models
+    port = free_port()
+    summary = root / "serve.json"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/serve.py"), "--langs", "hi,ko", "--profile", "tiny",
+                             "--port", str(port), "--set", f"tracking.tracking_uri={uri}",
+                             "--set", f"serve.poll_interval_s={POLL_S}", "--summary", str(summary)],
+                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not summary.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (root / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}", json.loads(summary.read_text())
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # the job shuts Serve and Ray down and exits 0
+        try:
+            rc = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+        log.close()
+    assert rc == 0, (root / "serve.log").read_text()[-3000:]
+
+
+def embed(url, model, texts, kind="query"):
+    status, body = http("POST", f"{url}/v1/embeddings", {"model": model, "input": texts, "input_type": kind})
+    return status, body
+
+
+def test_ready_with_every_language_and_its_version(service):
+    url, summary = service
+    assert summary["ready"] and summary["readyz"]["serving"] == {"clp-ray-hi": "1", "clp-ray-ko": "1"}
+    assert http("GET", f"{url}/healthz") == (200, {"status": "ok"})
+    status, body = http("GET", f"{url}/v1/models")
+    assert status == 200 and {m["id"]: m["version"] for m in body["data"]} == {"clp-ray-hi": "1", "clp-ray-ko": "1"}
+
+
+def test_each_language_gets_its_own_models_embeddings(service, models):
+    url, _ = service
+    expected = models[2]
+    for lang in ("hi", "ko"):
+        for kind in ("query", "passage"):
+            status, body = embed(url, f"clp-ray-{lang}", TEXTS[:5], kind)
+            assert status == 200, body
+            assert body["model"] == f"clp-ray-{lang}" and [d["index"] for d in body["data"]] == list(range(5))
+            got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+            want = np.stack([expected[f"{lang}/1"][kind][t] for t in TEXTS[:5]])
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+            assert body["usage"]["prompt_tokens"] > 5
+    # a bare string, and the language code as the model name
+    status, body = embed(url, "hi", TEXTS[0])
+    assert status == 200 and len(body["data"]) == 1 and body["model"] == "clp-ray-hi"
+    assert np.abs(np.array(expected["ko/1"]["query"][TEXTS[0]]) - expected["hi/1"]["query"][TEXTS[0]]).max() > 1e-3
+
+
+def test_32_concurrent_clients_get_correct_answers(service, models):
+    url, _ = service
+    expected = models[2]
+
+    def client(i):
+        answers = []
+        for r in range(3):
+            lang = ("hi", "ko")[(i + r) % 2]
+            texts = TEXTS[(i + r) % 8:(i + r) % 8 + 1 + i % 4]
+            status, body = embed(url, f"clp-ray-{lang}", texts)
+            got = np.array([d["embedding"] for d in body["data"]]) if status == 200 else None
+            answers.append((status, lang, texts, got))
+        return answers
+
+    with ThreadPoolExecutor(32) as pool:
+        results = [a for answers in pool.map(client, range(32)) for a in answers]
+    assert len(results) == 96 and all(status == 200 for status, *_ in results)
+    for _, lang, texts, got in results:
+        np.testing.assert_allclose(got, np.stack([expected[f"{lang}/1"]["query"][t] for t in texts]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"model": "clp-ray-fr", "input": ["a"]}, 404, "serves clp-ray-hi, clp-ray-ko"),
+    ({"model": "clp-ray-hi", "input": []}, 400, "at least one text"),
+    ({"model": "clp-ray-hi", "input": ["a", 3]}, 400, "input[1]: expected a string, got int"),
+    ({"model": "clp-ray-hi", "input": ["a"], "input_type": "title"}, 400, "input_type"),
+    ({"model": "clp-ray-hi", "input": ["a"] * 257}, 400, "at most 256 texts"),
+    ({"input": ["a"]}, 400, "model: Field required"),
+])
+def test_bad_requests_get_the_reason(service, body, status, message):
+    got_status, got = http("POST", f"{service[0]}/v1/embeddings", body)
+    assert got_status == status and message in got["error"]["message"], got
+
+
+def test_malformed_json_is_a_400(service):
+    status, body = http("POST", f"{service[0]}/v1/embeddings", raw=b'{"model": "clp-ray-hi", "input": [')
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+
+
+def test_moving_the_alias_switches_the_model_without_failing_a_request(service, models):
+    from mlflow import MlflowClient
+
+    url, _ = service
+    uri, _, expected = models
+    answers, stop = [], threading.Event()
+
+    def client():
+        deadline = time.monotonic() + 120  # bounded: stops by itself
+        while not stop.is_set() and time.monotonic() < deadline:
+            status, body = embed(url, "clp-ray-hi", TEXTS[:3])
+            answers.append((time.monotonic(), status, body))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    moved_at = time.monotonic()
+    MlflowClient(uri).set_registered_model_alias("clp-ray-hi", "champion", "2")
+    deadline = moved_at + 60
+    while time.monotonic() < deadline and not any(b.get("data") and a > moved_at and b.get("model") == "clp-ray-hi"
+                                                  and _version(b, expected) == "2" for a, _, b in answers[-8:]):
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few answers from the new model
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert answers and all(status == 200 for _, status, _ in answers), [b for _, s, b in answers if s != 200][:3]
+    versions = [(t, _version(b, expected)) for t, _, b in answers]
+    assert all(v in ("1", "2") for _, v in versions)  # every answer is one model's, never a mix
+    first_new = min(t for t, v in versions if v == "2")
+    assert all(v == "2" for t, v in versions if t > first_new + 0.5)  # once switched, it stays switched
+    switch_s = first_new - moved_at
+    assert switch_s < POLL_S + 15, f"switched after {switch_s:.1f} s"  # one poll + loading the new version
+    status, body = http("GET", f"{url}/readyz")
+    assert status == 200 and body["serving"]["clp-ray-hi"] == "2"
+
+
+def _version(body, expected) -> str:
+    """Which registered hi version produced the answer (by its embeddings)."""
+    got = np.array([d["embedding"] for d in body["data"]])
+    for v in ("1", "2"):
+        if np.abs(got - np.stack([expected[f"hi/{v}"]["query"][t] for t in TEXTS[:3]])).max() < 1e-5:
+            return v
+    return "neither"
