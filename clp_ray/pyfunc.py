@@ -46,10 +46,11 @@ class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
         return self.embedder.encode(texts, batch_size=batch_size, kind=kind).numpy().astype("float32")
 
 
-class BadInput(MlflowException, TypeError):
+class BadInput(MlflowException, TypeError, ValueError):
     """Input predict cannot embed. An MlflowException with INVALID_PARAMETER_VALUE is what
     MLflow's scoring server answers with a 400 carrying this message (any other error is a 400
-    whose message only says the model failed); a TypeError for callers that catch that."""
+    whose message only says the model failed); a TypeError / ValueError for callers that catch
+    those (a wrong type, a wrong value)."""
 
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
