@@ -158,6 +158,11 @@ class TrainConfig(_Section):
     # Stable name => re-running the same command resumes; None: train-<lang>-<config hash>.
     run_name: Optional[str] = None
     storage_path: Optional[str] = None  # Ray Train storage; None: <output_dir>/ray_results
+    # Gradient caching: every encoder call runs in chunks of grad_cache_chunk_size sequences, only
+    # one chunk's activations alive at a time (each chunk's forward runs twice): contrastive batches
+    # far larger than the GPU holds, with the same gradients (clp_ray/objective.py).
+    grad_cache: bool = False
+    grad_cache_chunk_size: int = Field(32, ge=1)
     # Test hook: raise on this rank at this optimizer step, once per run (fault-tolerance tests).
     debug_fail_at_step: Optional[int] = Field(None, ge=1)
     debug_fail_rank: int = Field(1, ge=0)

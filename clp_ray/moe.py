@@ -62,6 +62,12 @@ class RouterAux:
     expert_fraction: torch.Tensor  # [E], detached
     entropy: torch.Tensor  # scalar, detached: mean per-token entropy of the router distribution
     tokens: torch.Tensor  # scalar: how many (non-padding) tokens these were computed over
+    # The sums the means above are taken from, so that forwards over parts of one batch combine
+    # into exactly the whole batch's losses (:func:`combine_aux`, gradient caching).
+    slot_counts: Optional[torch.Tensor] = None  # [E] detached: (token, slot) assignments per expert
+    prob_sum: Optional[torch.Tensor] = None  # [E]: summed router probabilities over the tokens
+    lse_sq_sum: Optional[torch.Tensor] = None  # summed logsumexp(logits)^2
+    entropy_sum: Optional[torch.Tensor] = None  # detached
 
 
 class Router(nn.Linear):
@@ -136,19 +142,38 @@ class MoEFeedForward(nn.Module):
         lse = torch.logsumexp(logits, dim=-1)
         slot_w = None if w is None else w.unsqueeze(1).expand(-1, self.top_k).reshape(-1)
         counts = expert_counts(top_i.reshape(-1), self.num_experts, slot_w).float()
-        frac = counts / counts.sum().clamp_min(1)
         if w is None:
-            n = torch.full((), probs.shape[0], device=probs.device)
-            mean_p, z = probs.mean(dim=0), lse.square().mean()
+            n = torch.full((), probs.shape[0], device=probs.device, dtype=probs.dtype)
+            prob_sum, lse_sq_sum = probs.sum(dim=0), lse.square().sum()
         else:
             n = w.sum()
-            per_token = n.clamp_min(1)  # a batch of padding alone gives 0 for every term
-            mean_p, z = w @ probs / per_token, w @ lse.square() / per_token
-        balance = self.num_experts * (frac * mean_p).sum()
+            prob_sum, lse_sq_sum = w @ probs, w @ lse.square()
         with torch.no_grad():  # H = logsumexp(l) - sum_i p_i l_i
             ent = lse - torch.linalg.vecdot(probs, logits)
-            entropy = ent.mean() if w is None else w @ ent / per_token
-        return RouterAux(balance, z, frac.detach(), entropy, n.long())
+            ent_sum = ent.sum() if w is None else w @ ent
+        return aux_from_sums(self.num_experts, counts, n, prob_sum, lse_sq_sum, ent_sum)
+
+
+def aux_from_sums(num_experts: int, counts: torch.Tensor, n: torch.Tensor, prob_sum: torch.Tensor,
+                  lse_sq_sum: torch.Tensor, entropy_sum: torch.Tensor) -> RouterAux:
+    """The losses and statistics of tokens whose per-expert sums these are (a batch of padding
+    alone gives 0 for every term)."""
+    per_token = n.clamp_min(1)
+    frac = counts / counts.sum().clamp_min(1)
+    balance = num_experts * (frac * (prob_sum / per_token)).sum()
+    return RouterAux(balance, lse_sq_sum / per_token, frac.detach(), (entropy_sum / per_token).detach(), n.detach().long(),
+                     counts.detach(), prob_sum, lse_sq_sum, entropy_sum.detach())
+
+
+def combine_aux(num_experts: int, parts: list[RouterAux]) -> RouterAux:
+    """The :class:`RouterAux` of one batch from those of its parts (disjoint token sets): the
+    expert fractions and mean probabilities are over all the tokens, so the balance and z losses,
+    values and gradients, equal one forward over the whole batch."""
+    def total(name: str) -> torch.Tensor:
+        return torch.stack([getattr(a, name) for a in parts]).sum(0)
+
+    n = torch.stack([a.tokens.to(a.prob_sum.dtype) for a in parts]).sum()
+    return aux_from_sums(num_experts, total("slot_counts"), n, total("prob_sum"), total("lse_sq_sum"), total("entropy_sum"))
 
 
 def dispatch(

@@ -9,6 +9,16 @@ negatives' own queries are encoded — plain padded batches, or :class:`~clp_ray
 ``clp_loss`` (:mod:`clp_ray.losses`) is ``(1-λ)·InfoNCE(τ) + λ·mean(1 - cos(neg, neg_q))``;
 the negative queries are not encoded at all when λ = 0. Per-expert token fractions and router
 entropy are taken from the passage batch, which holds most of the tokens.
+
+**Gradient caching** (``chunk_size``, ``train.grad_cache``): each encoder call is run in chunks of
+``chunk_size`` sequences through non-reentrant activation checkpointing. The forward keeps only
+each chunk's inputs and embeddings, the loss is taken over the whole batch, and during the one
+backward every chunk is re-run with its graph (from the random state its first forward saw:
+dropout and router jitter replay exactly) and back-propagates the embedding gradient the loss
+gave it — Gao et al.'s GradCache, with autograd doing the caching. Memory for activations is one
+chunk's, whatever the batch; the cost is a second forward. One backward means DeepSpeed's ZeRO
+hooks see each gradient once. The router losses of a call are combined from its chunks' per-expert
+sums (:func:`clp_ray.moe.combine_aux`), so they equal the whole call's, not a mean of chunk losses.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from torch import nn
 
 from clp_ray.data import Bucketed
 from clp_ray.losses import clp_loss
-from clp_ray.moe import router_loss, router_stats
+from clp_ray.moe import RouterAux, combine_aux, moe_layers, router_loss, router_stats
 
 Batch = Union[dict, Bucketed]
 
@@ -48,19 +58,28 @@ class _Encoded:
 class CLPObjective(nn.Module):
     """``forward(query, passage, neg_query=None) -> ObjectiveOutput`` (see the module docstring)."""
 
-    def __init__(self, embedder: nn.Module, temperature: float, lam: float, cross_device: bool):
+    def __init__(self, embedder: nn.Module, temperature: float, lam: float, cross_device: bool,
+                 chunk_size: Optional[int] = None, checkpoint: bool = True):
         super().__init__()
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.embedder = embedder
         self.temperature = temperature
         self.lam = lam
         self.cross_device = cross_device
+        self.chunk_size = chunk_size
+        self.checkpoint = checkpoint  # False: the same chunks with their graphs kept (a reference for tests)
 
     def encode(self, batch: Batch, collect_stats: bool = False) -> _Encoded:
         parts = batch.chunks if isinstance(batch, Bucketed) else [batch]
         outs, r_loss, stats = [], None, {}
         for part in parts:
-            outs.append(self.embedder(**part))
-            term = router_loss(self.embedder.encoder)
+            if self.chunk_size is None:
+                outs.append(self.embedder(**part))
+                term = router_loss(self.embedder.encoder)
+            else:
+                emb, term = self._encode_in_chunks(part)
+                outs.append(emb)
             r_loss = term if r_loss is None else r_loss + term
             if collect_stats:
                 for k, v in router_stats(self.embedder.encoder).items():
@@ -69,6 +88,47 @@ class CLPObjective(nn.Module):
         if isinstance(batch, Bucketed):
             emb = emb.index_select(0, batch.inverse)
         return _Encoded(emb, r_loss, len(parts), stats)
+
+    def _encode_in_chunks(self, part: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One encoder call as chunks of ``chunk_size`` rows (each cut to its own longest row),
+        checkpointed; its router loss combined over the chunks. Leaves the combined statistics on
+        the MoE layers' ``aux`` for :func:`router_stats`."""
+        ids, mask = part["input_ids"], part["attention_mask"]
+        layers = [m for _, m in moe_layers(self.embedder.encoder)]
+        embs, auxes = [], []
+        for start in range(0, ids.shape[0], self.chunk_size):
+            m = mask[start:start + self.chunk_size]
+            width = max(int(m.sum(1).max()), 1)
+            if m[:, width:].any():  # left padding: keep the full width
+                width = m.shape[1]
+            args = (ids[start:start + self.chunk_size, :width], m[:, :width])
+            if self.checkpoint and torch.is_grad_enabled():
+                out = torch.utils.checkpoint.checkpoint(self._chunk_forward, *args, use_reentrant=False,
+                                                        preserve_rng_state=True)
+            else:
+                out = self._chunk_forward(*args)
+            embs.append(out[0])
+            auxes.append(out[1:])
+        total = None
+        for i, layer in enumerate(layers):
+            aux = combine_aux(layer.num_experts, [_sums_aux(a[5 * i:5 * i + 5]) for a in auxes])
+            layer.aux = aux
+            term = layer.balance_coef * aux.balance_loss + layer.z_coef * aux.z_loss
+            total = term if total is None else total + term
+        if total is None:
+            total = embs[0].new_zeros(())
+        return torch.cat(embs), total
+
+    def _chunk_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The chunk's embeddings and, per MoE layer, the sums its router losses are made of:
+        returned rather than read off the layers afterwards, so that they are outputs of the
+        checkpointed region (recomputed with it)."""
+        emb = self.embedder(input_ids=input_ids, attention_mask=attention_mask)
+        sums: list[torch.Tensor] = []
+        for _, m in moe_layers(self.embedder.encoder):
+            a = m.aux
+            sums += [a.slot_counts, a.tokens.to(a.prob_sum.dtype), a.prob_sum, a.lse_sq_sum, a.entropy_sum]
+        return (emb, *sums)
 
     def forward(self, query: Batch, passage: Batch, neg_query: Optional[Batch] = None) -> ObjectiveOutput:
         encoded = [self.encode(query), self.encode(passage, collect_stats=True)]
@@ -79,3 +139,11 @@ class CLPObjective(nn.Module):
         out = clp_loss(q, p, nq, temperature=self.temperature, lam=self.lam, cross_device=self.cross_device)
         r_loss = sum(e.router_loss for e in encoded) / sum(e.calls for e in encoded)
         return ObjectiveOutput(out.loss + r_loss, out.contrastive, out.penalty, r_loss, encoded[1].stats)
+
+
+def _sums_aux(sums) -> RouterAux:
+    """A chunk's per-layer sums (as :meth:`CLPObjective._chunk_forward` returns them) as the
+    fields :func:`clp_ray.moe.combine_aux` reads."""
+    counts, n, prob_sum, lse_sq_sum, entropy_sum = sums
+    unused = n.new_zeros(())
+    return RouterAux(unused, unused, counts, unused, n, counts, prob_sum, lse_sq_sum, entropy_sum)

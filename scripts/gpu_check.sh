@@ -54,6 +54,9 @@ if [ "${GPU_CHECK_BENCHMARKS:-1}" = 1 ]; then
   "$py" benchmarks/moe_step.py --device cuda --dtype bf16 2>&1 | tee "$logs/moe_step_cuda.txt"
   # jobs/train.py's step (ZeRO-2 bf16, BGE-M3 shape, 8 passages of 256 tokens): tokens/s and MFU.
   "$py" benchmarks/train_mfu.py --device cuda --summary "$logs/train_mfu_cuda.json" 2>&1 | tee "$logs/train_mfu_cuda.txt"
+  # Gradient caching: peak memory and examples/s by batch (BGE-M3 shape, bf16; uncached up to 128).
+  "$py" benchmarks/grad_cache_memory.py --device cuda --uncached-up-to 128 --summary "$logs/grad_cache_cuda.json" 2>&1 \
+    | tee "$logs/grad_cache_cuda.txt"
 fi
 echo "gpu tests exit status: $rc"
 exit "$rc"

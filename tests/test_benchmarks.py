@@ -227,3 +227,19 @@ def test_serve_throughput_percentile_interpolates_between_order_statistics():
 
     assert percentile([4, 1, 3, 2], 0.5) == 2.5 and percentile([1, 2, 3, 4, 5], 0.99) == pytest.approx(4.96)
     assert percentile([7], 0.99) == 7
+
+
+def test_grad_cache_memory_benchmark_runs_both_modes_per_batch(tmp_path):
+    summary = tmp_path / "s.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grad_cache_memory.py"), "--device", "cpu",
+                        "--batches", "4,8", "--chunk", "3", "--layers", "1", "--hidden", "64", "--intermediate", "128",
+                        "--seq-p", "16", "--seq-q", "8", "--repeats", "1", "--uncached-up-to", "4",
+                        "--summary", str(summary)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(summary.read_text())
+    assert [(r["batch"], r["cached"]) for r in out["rows"]] == [(4, False), (4, True), (8, True)]
+    assert all(r["peak_mib"] >= 0 and r["examples_per_s"] > 0 for r in out["rows"])
+    assert out["cached_memory_growth"]["from"] == 4 and out["cached_step_cost"]["batch"] == 4
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grad_cache_memory.py"), "--group", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--group must be >= 2" in bad.stderr

@@ -287,3 +287,25 @@ def test_deepspeed_bf16_engine_trains_only_moe_and_saves_it_on_gpu(stage, nccl_g
         assert reloaded.moe_spec == embedder.moe_spec
         again = reloaded(**enc).float()
     torch.testing.assert_close(again, in_engine, atol=1e-3, rtol=0)
+
+
+@pytest.mark.gpu
+def test_grad_cache_gradients_on_gpu_in_bf16_match_the_uncached_objective(tiny_path):
+    """bf16 on the GPU: cached and uncached gradients agree to bf16 rounding (the fp32 CPU test holds
+    them to 1e-5)."""
+    from clp_ray.modeling import Embedder
+    from clp_ray.objective import CLPObjective
+
+    emb = Embedder.from_pretrained(tiny_path)
+    emb.upcycle([0], num_experts=2)
+    emb = emb.cuda().to(torch.bfloat16).eval()  # as DeepSpeed's bf16 mode casts it
+    texts = [f"질문 {i} 셀 보호 해제" * (1 + i % 3) for i in range(32)]
+    q, p, nq = (emb.tokenize(texts[:n], kind=k) for n, k in ((8, "query"), (32, "passage"), (24, "query")))
+    q, p, nq = ({k: v.cuda() for k, v in t.items()} for t in (q, p, nq))
+    grads = []
+    for chunk in (None, 3):
+        emb.zero_grad(set_to_none=True)
+        CLPObjective(emb, 0.05, 0.1, cross_device=False, chunk_size=chunk)(q, p, nq).loss.backward()
+        grads.append({n: t.grad.float() for n, t in emb.named_parameters() if t.grad is not None})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0.05, atol=2e-3, msg=name)

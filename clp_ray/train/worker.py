@@ -111,7 +111,9 @@ class TrainWorker:
         self.trainable, self.total_params = apply_train_only(self.embedder, policy, layers=cfg.moe.layers, site=cfg.moe.site)
         if cfg.model.gradient_checkpointing:
             self.embedder.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.objective = CLPObjective(self.embedder, cfg.loss.temperature, cfg.loss.lam, cfg.loss.cross_device_negatives)
+        chunk = cfg.train.grad_cache_chunk_size if cfg.train.grad_cache else None
+        self.objective = CLPObjective(self.embedder, cfg.loss.temperature, cfg.loss.lam, cfg.loss.cross_device_negatives,
+                                      chunk_size=chunk)
 
     def _load_data(self) -> None:
         d = self.cfg.data
@@ -137,9 +139,11 @@ class TrainWorker:
                 set_rng_state(torch.load(Path(d) / f"rng_rank{self.rank}.pt", weights_only=False))
         self.state.attempt += 1
         self.resumed_from = self.state.global_step
+        chunk = self.objective.chunk_size
         log.info("start: attempt %d at optimizer step %d/%d (%d micro-batches/epoch/rank, %d trainable of %d params, "
-                 "%d torch threads)", self.state.attempt, self.resumed_from, self.plan.total_opt,
-                 self.plan.micro_per_epoch, self.trainable, self.total_params, torch.get_num_threads())
+                 "%d torch threads, %s)", self.state.attempt, self.resumed_from, self.plan.total_opt,
+                 self.plan.micro_per_epoch, self.trainable, self.total_params, torch.get_num_threads(),
+                 f"gradient caching in chunks of {chunk} sequences" if chunk else "no gradient caching")
         if self.state.dev_init is None:
             self.state.dev_init = self.evaluate()
             if self.tracker:
