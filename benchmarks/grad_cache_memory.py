@@ -100,8 +100,10 @@ def one(args) -> dict:
         times.append(time.perf_counter() - t0)
     if dev.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:  # the peak of the measured steps above the process's size before them
-        peak = peak_rss_mib() - base
+    else:  # the peak of the measured steps above the process's size before them; the kernel's
+        # per-thread RSS counters lag by a few pages, so a step that allocates nearly nothing can
+        # read a hair below the base: that is 0
+        peak = max(0.0, peak_rss_mib() - base)
     step_s = sorted(times)[len(times) // 2]
     return {"batch": b, "cached": args.cached, "peak_mib": round(peak, 1), "step_s": round(step_s, 4),
             "examples_per_s": round(b / step_s, 2)}
