@@ -14,7 +14,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,7 +70,6 @@ def serve_until_stopped(cfg, langs: list[str], summary_path) -> dict:
         return summary
     finally:
         serve.shutdown()
-        time.sleep(0.1)
 
 
 def _get(url: str) -> tuple[int, dict]:
