@@ -54,6 +54,8 @@ class TinyModelConfig(_Section):
     vocab_size: int = Field(4000, ge=300, le=50000)
     max_position_embeddings: int = Field(514, ge=16)
     seed: Seed = 0
+    # BGE-M3's sparse and ColBERT heads (random, seeded) beside the encoder, in the hub layout
+    m3_heads: bool = False
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> TinyModelConfig:
@@ -79,6 +81,10 @@ class ModelConfig(_Section):
     query_prefix: Optional[str] = None  # e.g. "query: " for E5 models; "" for none
     passage_prefix: Optional[str] = None  # e.g. "passage: "
     gradient_checkpointing: bool = False
+    # BGE-M3's sparse and ColBERT heads (sparse_linear.pt, colbert_linear.pt), where the model has
+    # them: keep = train the dense path only and carry the heads unchanged into every saved model;
+    # unified = train dense + sparse + ColBERT together (loss.m3; a model without heads gets new ones).
+    m3_heads: Literal["keep", "unified"] = "keep"
     tiny: TinyModelConfig = TinyModelConfig()
 
     def explicit_settings(self) -> dict[str, Any]:
@@ -112,10 +118,35 @@ class MoEConfig(_Section):
         return self
 
 
+class HybridWeights(_Section):
+    """``hybrid`` score = dense·s_dense + sparse·s_sparse + colbert·s_colbert (BGE-M3's 1 / 0.3 / 1)."""
+
+    dense: float = Field(1.0, ge=0)
+    sparse: float = Field(0.3, ge=0)
+    colbert: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> HybridWeights:
+        if not (self.dense or self.sparse or self.colbert):
+            raise ValueError("at least one hybrid weight must be > 0")
+        return self
+
+
+class M3LossConfig(_Section):
+    """Unified M3 training (``model.m3_heads: unified``): clp_ray/m3_loss.py."""
+
+    # Modes whose hard negatives get the CLP penalty (pulled towards their own query), weight loss.lam.
+    penalty_modes: list[Literal["dense", "sparse", "colbert"]] = Field(default_factory=lambda: ["dense"])
+    self_distill: bool = True  # the ensemble's scores teach each mode (BGE-M3's self-knowledge distillation)
+    ensemble_weights: HybridWeights = HybridWeights()  # the ensemble score the distillation learns from
+    sparse_loss_weight: float = Field(0.1, ge=0)  # BGE-M3 scales the sparse terms by 0.1
+
+
 class LossConfig(_Section):
     temperature: float = Field(0.02, gt=0, le=1)
     lam: float = Field(0.1, ge=0, le=1)
     cross_device_negatives: bool = True
+    m3: M3LossConfig = M3LossConfig()
 
 
 class DataConfig(_Section):
@@ -220,6 +251,20 @@ class EvalConfig(_Section):
     # Where miracl://<lang> reads MIRACL's published files: the Hugging Face hub (hf://datasets,
     # cached on disk) or a local folder with the same layout (miracl/miracl/..., miracl/miracl-corpus/...).
     miracl_root: str = "hf://datasets"
+    # How a (query, passage) pair is scored: dense, or with BGE-M3's heads sparse (lexical
+    # weights), colbert (multi-vector MaxSim) or hybrid (hybrid_weights' sum of the three).
+    mode: Literal["dense", "sparse", "colbert", "hybrid"] = "dense"
+    hybrid_weights: HybridWeights = HybridWeights()
+    # None: exact search of the full corpus in every mode. N: sparse/colbert/hybrid re-rank each
+    # query's dense top-N (for corpora whose ColBERT token vectors do not fit in memory).
+    rerank_depth: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _depth_covers_top_k(self) -> EvalConfig:
+        if self.rerank_depth is not None and self.rerank_depth < self.top_k:
+            raise ValueError(f"rerank_depth ({self.rerank_depth}) must be >= top_k ({self.top_k}): "
+                             "a re-ranked list holds only rerank_depth passages")
+        return self
 
 
 class GeneratorConfig(_Section):

@@ -1,5 +1,9 @@
 """Retrieval evaluation: encode, exact top-k search over the full corpus, IR metrics.
 
+``mode`` picks how a pair is scored: ``dense`` (the default), or, for models with BGE-M3's heads,
+``sparse``, ``colbert`` or ``hybrid`` (:mod:`clp_ray.m3_search`); :func:`evaluate_modes` scores
+several modes from one encoding pass.
+
 Metrics come from ``ir_measures`` (pytrec_eval underneath), never from hand-written formulas:
 nDCG@10, nDCG@5 (the CLP paper's metric), Recall@100 and MRR@10, with per-query scores kept for
 paired significance tests (:func:`compare`).
@@ -24,6 +28,8 @@ from clp_ray import miracl
 from clp_ray.atomic import atomic_path, write_json
 from clp_ray.config import resolve_path
 from clp_ray.errors import DataError
+from clp_ray.m3 import check_modes
+from clp_ray.m3_search import EVAL_MODES, ModeReps, exact_mode_search, merge_topk, mode_weights, modes_for, rerank_search
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +240,7 @@ def exact_search(
         best_s = torch.full((q.shape[0], 0), -math.inf, dtype=torch.float32)
         best_i = torch.zeros((q.shape[0], 0), dtype=torch.long)
         for cs in range(0, n, chunk_size):
-            s = (q @ corpus[cs : cs + chunk_size].T).float()
-            cand_s = torch.cat([best_s, s], dim=1)
-            cand_i = torch.cat([best_i, torch.arange(cs, cs + s.shape[1]).expand(q.shape[0], -1)], dim=1)
-            top = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
-            best_s, best_i = top.values, cand_i.gather(1, top.indices)
+            best_s, best_i = merge_topk(best_s, best_i, (q @ corpus[cs : cs + chunk_size].T).float(), cs, k)
         all_scores.append(best_s)
         all_idx.append(best_i)
     return torch.cat(all_scores), torch.cat(all_idx)
@@ -275,23 +277,83 @@ def evaluate(
     top_k: int = 100,
     run_file: Optional[str | os.PathLike] = None,
     show_progress: bool = False,
+    mode: str = "dense",
+    hybrid_weights: Optional[dict[str, float]] = None,
+    rerank_depth: Optional[int] = None,
 ) -> EvalResult:
-    """Encode ``data``'s corpus and queries with ``embedder``, search the full corpus exactly and
-    score with ir_measures. The training loop calls this for its periodic dev metric."""
-    doc_ids = list(data.corpus)
-    qids = list(data.queries)
+    """Encode ``data``'s corpus and queries with ``embedder``, search the full corpus exactly in
+    ``mode`` and score with ir_measures. The training loop calls this for its periodic dev metric."""
+    res = evaluate_modes(embedder, data, [mode], batch_size=batch_size, chunk_size=chunk_size, top_k=top_k,
+                         show_progress=show_progress, hybrid_weights=hybrid_weights, rerank_depth=rerank_depth)[mode]
+    if run_file:
+        write_trec_run(run_file, res.run)
+    return res
+
+
+def evaluate_config(embedder, data: RetrievalSet, e, **kwargs) -> EvalResult:
+    """:func:`evaluate` with an :class:`~clp_ray.config.EvalConfig`'s settings (``eval.*``)."""
+    return evaluate(embedder, data, batch_size=e.batch_size, chunk_size=e.chunk_size, top_k=e.top_k, mode=e.mode,
+                    hybrid_weights=e.hybrid_weights.model_dump(), rerank_depth=e.rerank_depth, **kwargs)
+
+
+def model_eval_modes(embedder) -> list[str]:
+    """Every evaluation mode ``embedder`` has: dense, plus sparse, colbert and hybrid with BGE-M3's heads."""
+    return [m for m in EVAL_MODES if m == "dense" or embedder.heads is not None]
+
+
+def evaluate_modes(
+    embedder, data: RetrievalSet, modes: list[str], *, batch_size: int = 64, chunk_size: int = 4096, top_k: int = 100,
+    show_progress: bool = False, hybrid_weights: Optional[dict[str, float]] = None, rerank_depth: Optional[int] = None,
+) -> dict[str, EvalResult]:
+    """:func:`evaluate` for each of ``modes`` from one encoding of the corpus and queries.
+
+    ``rerank_depth`` (None: exact search of the full corpus in every mode): sparse, ColBERT and
+    hybrid scores re-rank each query's dense top-``rerank_depth`` instead, and only those passages
+    are encoded in the other modes (exact ColBERT search holds every passage's token vectors)."""
+    for m in modes:
+        mode_weights(m, hybrid_weights)  # an unknown mode fails here, before any encoding
+    need = check_modes(modes_for(modes), embedder.heads is not None)
+    doc_ids, qids = list(data.corpus), list(data.queries)
     if not qids:
         raise DataError(f"{data.name}: no queries to evaluate")
-    d = embedder.encode([data.corpus[i] for i in doc_ids], batch_size=batch_size, kind="passage",
-                        show_progress=show_progress, desc="encode corpus")
-    q = embedder.encode([data.queries[i] for i in qids], batch_size=batch_size, kind="query",
-                        show_progress=show_progress, desc="encode queries")
-    scores, idx = exact_search(q, d, top_k, chunk_size=chunk_size)
+    enc = {"batch_size": batch_size, "show_progress": show_progress}
+    rerank = rerank_depth is not None and need != ("dense",)
+    q_need = tuple(dict.fromkeys(("dense", *need))) if rerank else need
+    docs = [data.corpus[i] for i in doc_ids]
+    if need == ("dense",):  # the common case: plain tensors, no per-mode bookkeeping
+        d = embedder.encode(docs, kind="passage", desc="encode corpus", **enc)
+        q = embedder.encode([data.queries[i] for i in qids], kind="query", desc="encode queries", **enc)
+        return {m: _scored(data, qids, doc_ids, *exact_search(q, d, top_k, chunk_size=chunk_size)) for m in modes}
+    vocab = int(embedder.encoder.config.vocab_size)
+    q_reps = ModeReps.from_encoding(embedder.encode([data.queries[i] for i in qids], kind="query", output=q_need,
+                                                    desc="encode queries", **enc), vocab)
+    if not rerank:
+        d_reps = ModeReps.from_encoding(embedder.encode(docs, kind="passage", output=need, desc="encode corpus", **enc), vocab)
+        found = {m: exact_mode_search(q_reps, d_reps, mode_weights(m, hybrid_weights), top_k, chunk_size=chunk_size)
+                 for m in modes}
+        return {m: _scored(data, qids, doc_ids, *found[m]) for m in modes}
+    dense_docs = embedder.encode(docs, kind="passage", desc="encode corpus (dense)", **enc)
+    _, cand = exact_search(q_reps.dense, dense_docs, rerank_depth, chunk_size=chunk_size)
+    pool = sorted(set(cand.flatten().tolist()))
+    where = {j: n for n, j in enumerate(pool)}
+    d_reps = ModeReps.from_encoding(embedder.encode([docs[j] for j in pool], kind="passage", output=need,
+                                                    desc="encode candidates", **enc), vocab)
+    local = torch.tensor([[where[j] for j in row] for row in cand.tolist()], dtype=torch.long)
+    out = {}
+    for m in modes:
+        if m == "dense":
+            s, i = exact_search(q_reps.dense, dense_docs, top_k, chunk_size=chunk_size)
+        else:
+            s, i = rerank_search(q_reps, d_reps, local, mode_weights(m, hybrid_weights), top_k)
+            i = torch.as_tensor(pool)[i]
+        out[m] = _scored(data, qids, doc_ids, s, i)
+    return out
+
+
+def _scored(data: RetrievalSet, qids: list[str], doc_ids: list[str], scores: torch.Tensor, idx: torch.Tensor) -> EvalResult:
     run = {qid: {doc_ids[j]: float(s) for s, j in zip(srow.tolist(), irow.tolist())}
            for qid, srow, irow in zip(qids, scores, idx)}
     means, per_query = score_run(data.qrels, run)
-    if run_file:
-        write_trec_run(run_file, run)
     return EvalResult(means, per_query, run, num_queries=len(qids), num_docs=len(doc_ids))
 
 

@@ -1,7 +1,8 @@
 """Embedder: a Hugging Face encoder + pooling + L2 normalisation, with MoE-aware save/load.
 
 A saved folder is a normal Hugging Face model folder (``config.json``, weights, tokenizer) plus
-``clp_ray.json`` (the :class:`~clp_ray.model_settings.EmbedSettings` — pooling, normalisation, max
+BGE-M3's ``sparse_linear.pt`` / ``colbert_linear.pt`` when the model has them (:mod:`clp_ray.m3`:
+the sparse and multi-vector modes, ``encode(..., output=...)``) and ``clp_ray.json`` (the :class:`~clp_ray.model_settings.EmbedSettings` — pooling, normalisation, max
 lengths, query/passage prefixes — and the :class:`~clp_ray.moe.MoESpec` of its MoE layers, derived
 from the modules themselves). ``Embedder.from_pretrained`` resolves the settings in one order
 (explicit > what the folder says > defaults, see :mod:`clp_ray.model_settings`), rebuilds the MoE
@@ -28,6 +29,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from clp_ray.atomic import atomic_path
 from clp_ray.errors import ClpRayError
+from clp_ray.m3 import Encoding, M3Heads, ModeOutput, check_modes, load_heads, save_heads, sparse_vectors, unused_token_ids
 from clp_ray.model_settings import KINDS, META_FILE, SETTING_KEYS, ST_FILES, EmbedSettings, read_meta, resolve
 from clp_ray.moe import MoESpec, apply_spec, moe_spec_of, token_mask, upcycle
 from clp_ray.st_files import write_sentence_transformers_files
@@ -54,6 +56,7 @@ class Embedder(nn.Module):
         passage_max_len: int = 256,
         query_prefix: str = "",
         passage_prefix: str = "",
+        heads: Optional[M3Heads] = None,
     ):
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -66,6 +69,7 @@ class Embedder(nn.Module):
         self.passage_max_len = passage_max_len
         self.query_prefix = query_prefix
         self.passage_prefix = passage_prefix
+        self.heads = heads  # BGE-M3's sparse and ColBERT heads, None for a dense-only model
         self.settings_sources: dict[str, str] = {}  # setting -> where its value came from (from_pretrained)
 
     # ---------------------------------------------------------------- construction
@@ -80,9 +84,10 @@ class Embedder(nn.Module):
         resolved = resolve(settings_folder(name_or_path), overrides)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
         encoder = load_encoder(str(name_or_path))
-        emb = cls(encoder, tokenizer, **resolved.settings.to_dict())
+        heads = load_heads(name_or_path, int(encoder.config.hidden_size))
+        emb = cls(encoder, tokenizer, **resolved.settings.to_dict(), heads=heads)
         emb.settings_sources = resolved.sources
-        log.info("loaded %s: %s", name_or_path, resolved.describe())
+        log.info("loaded %s: %s; modes %s", name_or_path, resolved.describe(), "/".join(emb.modes))
         # Eval mode, as transformers' from_pretrained leaves a model (the MoE branch builds the
         # encoder from its config, which starts in training mode with dropout on).
         return emb.eval()
@@ -90,6 +95,11 @@ class Embedder(nn.Module):
     @property
     def settings(self) -> EmbedSettings:
         return EmbedSettings(**{k: getattr(self, k) for k in SETTING_KEYS})
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The retrieval modes this model has: dense, plus sparse and colbert with BGE-M3's heads."""
+        return ("dense", "sparse", "colbert") if self.heads is not None else ("dense",)
 
     @property
     def moe_spec(self) -> Optional[MoESpec]:
@@ -117,6 +127,8 @@ class Embedder(nn.Module):
             meta = {"format": _FORMAT, **self.settings.to_dict(), "moe": spec.to_dict() if spec else None}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             write_sentence_transformers_files(tmp, self.settings, self.dim, moe=spec is not None, versions=_versions())
+            if self.heads is not None:
+                save_heads(self.heads, tmp)
         return out
 
     # ---------------------------------------------------------------- compute
@@ -129,9 +141,24 @@ class Embedder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, modes: Optional[Sequence[str]] = None,
+                **kwargs) -> torch.Tensor | ModeOutput:
+        """``[B, D]`` dense embeddings; with ``modes`` (a subset of :attr:`modes`) a
+        :class:`~clp_ray.m3.ModeOutput` holding each of them (see :mod:`clp_ray.m3`)."""
         with token_mask(self.encoder, attention_mask):
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if modes is None:
+            return self._pool(hidden, attention_mask)
+        out = ModeOutput(dense=self._pool(hidden, attention_mask) if "dense" in modes else None)
+        if "sparse" in modes:
+            out.sparse = sparse_vectors(self.heads.token_weights(hidden), input_ids, attention_mask,
+                                        int(self.encoder.config.vocab_size), unused_token_ids(self.tokenizer))
+        if "colbert" in modes:
+            out.colbert = self.heads.token_vectors(hidden, attention_mask, self.normalize)
+            out.colbert_mask = attention_mask[:, 1:]
+        return out
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             emb = hidden[:, 0]
         else:
@@ -162,8 +189,15 @@ class Embedder(nn.Module):
         show_progress: bool = False,
         desc: str = "encode",
         kind: Optional[str] = None,
-    ) -> torch.Tensor:
-        """Embed ``texts`` in eval mode without gradients; returns float32 ``[N, D]`` on the CPU.
+        output: str | Sequence[str] = "dense",
+    ):
+        """Embed ``texts`` in eval mode without gradients; everything returned is float32 on the CPU.
+
+        ``output="dense"`` (default): ``[N, D]`` embeddings. ``"sparse"``: per text ``{token id:
+        weight}`` (BGE-M3's lexical weights); ``"colbert"``: per text a ``[tokens, D']`` tensor (one
+        normalised vector per token after CLS). A sequence of modes returns a
+        :class:`~clp_ray.m3.Encoding` holding each. Sparse and ColBERT need BGE-M3's heads
+        (:attr:`modes`).
 
         ``kind="query"`` / ``"passage"`` prepends that prefix and truncates at that max length
         (``max_length`` overrides it); None adds no prefix and uses the passage length.
@@ -173,11 +207,12 @@ class Embedder(nn.Module):
             raise TypeError("encode expects a list of strings")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        modes = check_modes([output] if isinstance(output, str) else output, self.heads is not None)
         was_training = self.training
         self.eval()
         try:
             order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-            out = torch.empty(len(texts), self.dim, dtype=torch.float32)
+            result = Encoding.empty(len(texts), self.dim, modes)
             batches: Iterable[int] = range(0, len(texts), batch_size)
             if show_progress:
                 batches = tqdm(batches, desc=desc, unit="batch", total=(len(texts) + batch_size - 1) // batch_size)
@@ -185,8 +220,11 @@ class Embedder(nn.Module):
                 idx = order[start : start + batch_size]
                 enc = self.tokenize([texts[i] for i in idx], max_length, kind)
                 enc = {k: v.to(self.device) for k, v in enc.items()}
-                out[idx] = self(**enc).float().cpu()
-            return out
+                if modes == ("dense",):
+                    result.dense[idx] = self(**enc).float().cpu()
+                else:
+                    result.put(idx, self(**enc, modes=modes))
+            return getattr(result, output) if isinstance(output, str) else result
         finally:
             self.train(was_training)
 

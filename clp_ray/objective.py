@@ -19,6 +19,11 @@ gave it — Gao et al.'s GradCache, with autograd doing the caching. Memory for 
 chunk's, whatever the batch; the cost is a second forward. One backward means DeepSpeed's ZeRO
 hooks see each gradient once. The router losses of a call are combined from its chunks' per-expert
 sums (:func:`clp_ray.moe.combine_aux`), so they equal the whole call's, not a mean of chunk losses.
+
+**Unified M3 training** (``m3``, ``model.m3_heads: unified``): every encoder call also gives the
+sparse and ColBERT outputs (:class:`~clp_ray.m3.ModeOutput`), and the loss is
+:func:`clp_ray.m3_loss.unified_loss` instead of ``clp_loss``; chunks and length buckets are
+put back together by :func:`clp_ray.m3.cat_outputs`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from torch import nn
 
 from clp_ray.data import Bucketed
 from clp_ray.losses import clp_loss
+from clp_ray.m3 import MODES, ModeOutput, cat_outputs
+from clp_ray.m3_loss import M3LossSettings, unified_loss
 from clp_ray.moe import RouterAux, combine_aux, moe_layers, router_loss, router_stats
 
 Batch = Union[dict, Bucketed]
@@ -43,23 +50,29 @@ class ObjectiveOutput:
     penalty: torch.Tensor
     router_loss: torch.Tensor
     router_stats: dict[str, float] = field(default_factory=dict)  # moe/<layer>/... of the passage batch
+    components: dict[str, torch.Tensor] = field(default_factory=dict)  # unified M3 training's loss terms
 
 
 @dataclass
 class _Encoded:
-    """One batch's embeddings and what its encoder calls left for the router loss."""
+    """One batch's outputs and what its encoder calls left for the router loss."""
 
-    emb: torch.Tensor
+    out: ModeOutput
     router_loss: torch.Tensor
     calls: int
     stats: dict[str, float]
+
+    @property
+    def emb(self) -> torch.Tensor:
+        """The dense embeddings."""
+        return self.out.dense
 
 
 class CLPObjective(nn.Module):
     """``forward(query, passage, neg_query=None) -> ObjectiveOutput`` (see the module docstring)."""
 
     def __init__(self, embedder: nn.Module, temperature: float, lam: float, cross_device: bool,
-                 chunk_size: Optional[int] = None, checkpoint: bool = True):
+                 chunk_size: Optional[int] = None, checkpoint: bool = True, m3: Optional[M3LossSettings] = None):
         super().__init__()
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -69,25 +82,27 @@ class CLPObjective(nn.Module):
         self.cross_device = cross_device
         self.chunk_size = chunk_size
         self.checkpoint = checkpoint  # False: the same chunks with their graphs kept (a reference for tests)
+        self.m3 = m3  # None: dense training (the heads, if any, are carried untouched)
+        self.modes = MODES if m3 is not None else None
 
     def encode(self, batch: Batch, collect_stats: bool = False) -> _Encoded:
         parts = batch.chunks if isinstance(batch, Bucketed) else [batch]
         outs, r_loss, stats = [], None, {}
         for part in parts:
             if self.chunk_size is None:
-                outs.append(self.embedder(**part))
+                outs.append(_as_output(self.embedder(**part, modes=self.modes)))
                 term = router_loss(self.embedder.encoder)
             else:
-                emb, term = self._encode_in_chunks(part)
-                outs.append(emb)
+                out, term = self._encode_in_chunks(part)
+                outs.append(out)
             r_loss = term if r_loss is None else r_loss + term
             if collect_stats:
                 for k, v in router_stats(self.embedder.encoder).items():
                     stats[k] = stats.get(k, 0.0) + v / len(parts)
-        emb = torch.cat(outs) if len(outs) > 1 else outs[0]
+        out = cat_outputs(outs)
         if isinstance(batch, Bucketed):
-            emb = emb.index_select(0, batch.inverse)
-        return _Encoded(emb, r_loss, len(parts), stats)
+            out = out.index_select(batch.inverse)
+        return _Encoded(out, r_loss, len(parts), stats)
 
     def _encode_in_chunks(self, part: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """One encoder call as chunks of ``chunk_size`` rows (each cut to its own longest row),
@@ -95,7 +110,8 @@ class CLPObjective(nn.Module):
         the MoE layers' ``aux`` for :func:`router_stats`."""
         ids, mask = part["input_ids"], part["attention_mask"]
         layers = [m for _, m in moe_layers(self.embedder.encoder)]
-        embs, auxes = [], []
+        outs, auxes = [], []
+        n_out = 1 if self.modes is None else 3
         for start in range(0, ids.shape[0], self.chunk_size):
             m = mask[start:start + self.chunk_size]
             width = max(int(m.sum(1).max()), 1)
@@ -107,8 +123,11 @@ class CLPObjective(nn.Module):
                                                         preserve_rng_state=True)
             else:
                 out = self._chunk_forward(*args)
-            embs.append(out[0])
-            auxes.append(out[1:])
+            if self.modes is None:
+                outs.append(ModeOutput(dense=out[0]))
+            else:
+                outs.append(ModeOutput(out[0], out[1], out[2], args[1][:, 1:]))
+            auxes.append(out[n_out:])
         total = None
         for i, layer in enumerate(layers):
             aux = combine_aux(layer.num_experts, [_sums_aux(a[5 * i:5 * i + 5]) for a in auxes])
@@ -116,29 +135,38 @@ class CLPObjective(nn.Module):
             term = layer.balance_coef * aux.balance_loss + layer.z_coef * aux.z_loss
             total = term if total is None else total + term
         if total is None:
-            total = embs[0].new_zeros(())
-        return torch.cat(embs), total
+            total = outs[0].dense.new_zeros(())
+        return cat_outputs(outs), total
 
     def _chunk_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The chunk's embeddings and, per MoE layer, the sums its router losses are made of:
-        returned rather than read off the layers afterwards, so that they are outputs of the
-        checkpointed region (recomputed with it)."""
-        emb = self.embedder(input_ids=input_ids, attention_mask=attention_mask)
+        """The chunk's embeddings (dense; with ``m3`` dense, sparse and ColBERT) and, per MoE layer,
+        the sums its router losses are made of: returned rather than read off the layers
+        afterwards, so that they are outputs of the checkpointed region (recomputed with it)."""
+        result = self.embedder(input_ids=input_ids, attention_mask=attention_mask, modes=self.modes)
+        emb = (result,) if self.modes is None else (result.dense, result.sparse, result.colbert)
         sums: list[torch.Tensor] = []
         for _, m in moe_layers(self.embedder.encoder):
             a = m.aux
             sums += [a.slot_counts, a.tokens.to(a.prob_sum.dtype), a.prob_sum, a.lse_sq_sum, a.entropy_sum]
-        return (emb, *sums)
+        return (*emb, *sums)
 
     def forward(self, query: Batch, passage: Batch, neg_query: Optional[Batch] = None) -> ObjectiveOutput:
         encoded = [self.encode(query), self.encode(passage, collect_stats=True)]
         if neg_query is not None and self.lam > 0:
             encoded.append(self.encode(neg_query))
-        q, p = encoded[0].emb, encoded[1].emb
-        nq = encoded[2].emb if len(encoded) > 2 else None
-        out = clp_loss(q, p, nq, temperature=self.temperature, lam=self.lam, cross_device=self.cross_device)
+        q, p = encoded[0].out, encoded[1].out
+        nq = encoded[2].out if len(encoded) > 2 else None
         r_loss = sum(e.router_loss for e in encoded) / sum(e.calls for e in encoded)
+        if self.m3 is not None:
+            m3 = unified_loss(q, p, nq, self.m3)
+            return ObjectiveOutput(m3.loss + r_loss, m3.contrastive, m3.penalty, r_loss, encoded[1].stats, m3.components)
+        out = clp_loss(q.dense, p.dense, None if nq is None else nq.dense, temperature=self.temperature, lam=self.lam,
+                       cross_device=self.cross_device)
         return ObjectiveOutput(out.loss + r_loss, out.contrastive, out.penalty, r_loss, encoded[1].stats)
+
+
+def _as_output(result) -> ModeOutput:
+    return result if isinstance(result, ModeOutput) else ModeOutput(dense=result)
 
 
 def _sums_aux(sums) -> RouterAux:

@@ -1,6 +1,8 @@
 """The registered model's Python side: an MLflow pyfunc wrapping an Embedder folder.
 
-``mlflow.pyfunc.load_model(uri).predict(["text", ...])`` returns float32 ``[N, D]`` embeddings; the
+``mlflow.pyfunc.load_model(uri).predict(["text", ...])`` returns float32 ``[N, D]`` embeddings
+(``params={"output": "sparse"}``: per text BGE-M3's lexical weights ``{"token id": weight}``;
+``"colbert"``: per text a float32 ``[tokens, D']`` array; both for models with BGE-M3's heads). The
 Embedder folder (MoE layers and settings included) is the model's ``embedder`` artifact. Its class
 path (``clp_ray.pyfunc.EmbedderPyfunc``, re-exported as ``clp_ray.tracking.EmbedderPyfunc`` for
 models registered before it moved) is what MLflow unpickles, so it stays importable there.
@@ -20,10 +22,13 @@ PREDICT_KIND = "query"
 # The most texts one predict call embeds: a larger request is refused (a 400 from a serving
 # endpoint) rather than holding the server for minutes.
 MAX_PREDICT_TEXTS = 2048
+PREDICT_OUTPUT = "dense"  # params={"output": "sparse" | "colbert"} for BGE-M3's other modes
+OUTPUTS = ("dense", "sparse", "colbert")
 
 class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
-    """``predict(["text", ...], params={"kind": "query"|"passage", "batch_size": N})`` -> float32
-    ``[N, D]`` embeddings of the ``embedder`` artifact's Embedder."""
+    """``predict(["text", ...], params={"kind": "query"|"passage", "batch_size": N, "output":
+    "dense"|"sparse"|"colbert"})`` -> float32 ``[N, D]`` embeddings of the ``embedder`` artifact's
+    Embedder, or its lexical weights / ColBERT vectors (see the module docstring)."""
 
     def load_context(self, context):
         from clp_ray.modeling import Embedder  # torch and transformers: where a model is loaded, not on import
@@ -43,7 +48,18 @@ class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
             raise BadInput(f"params['kind'] must be 'query' or 'passage', got {kind!r}")
         if batch_size < 1:
             raise BadInput(f"params['batch_size'] must be >= 1, got {batch_size}")
-        return self.embedder.encode(texts, batch_size=batch_size, kind=kind).numpy().astype("float32")
+        output = params.get("output", PREDICT_OUTPUT)
+        if output not in OUTPUTS:
+            raise BadInput(f"params['output'] must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        if output not in self.embedder.modes:
+            raise BadInput(f"params['output'] = {output!r}: this model has no {output} head (its modes: "
+                           f"{', '.join(self.embedder.modes)})")
+        result = self.embedder.encode(texts, batch_size=batch_size, kind=kind, output=output)
+        if output == "sparse":  # FlagEmbedding's lexical_weights layout: JSON object keys are strings
+            return [{str(t): w for t, w in row.items()} for row in result]
+        if output == "colbert":
+            return [v.numpy().astype("float32") for v in result]
+        return result.numpy().astype("float32")
 
 
 class BadInput(MlflowException, TypeError, ValueError):

@@ -26,7 +26,7 @@ from mlflow.types import DataType, ParamSchema, ParamSpec
 from clp_ray.errors import ClpRayError
 from clp_ray.locks import lock_file, serialised
 from clp_ray.modeling import Embedder
-from clp_ray.pyfunc import PREDICT_BATCH_SIZE, PREDICT_KIND, EmbedderPyfunc
+from clp_ray.pyfunc import PREDICT_BATCH_SIZE, PREDICT_KIND, PREDICT_OUTPUT, EmbedderPyfunc
 from clp_ray.redact import redact
 from clp_ray.tracking import Tracker
 
@@ -40,7 +40,8 @@ def log_embedder_model(tracker: Tracker, model_dir: str | os.PathLike, *, regist
     # Without a params schema MLflow drops `params` at predict time (with only a warning). No input
     # schema: MLflow would turn the list of texts into a DataFrame; _as_text_list checks it.
     signature = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("batch_size", DataType.long, PREDICT_BATCH_SIZE),
-                                                                ParamSpec("kind", DataType.string, PREDICT_KIND)]))
+                                                                ParamSpec("kind", DataType.string, PREDICT_KIND),
+                                                                ParamSpec("output", DataType.string, PREDICT_OUTPUT)]))
     mlflow.set_tracking_uri(tracker.uri)
     with mlflow.start_run(run_id=tracker.run_id), warnings.catch_warnings(), tempfile.TemporaryDirectory() as code:
         # MLflow warns when no input example is given, but one would make it load and run the

@@ -3,8 +3,10 @@
 ``POST /v1/embeddings`` ``{"model": "clp-ray-hi", "input": ["...", ...] | "...",
 "input_type": "query" | "passage"}`` answers ``{"object": "list", "data": [{"object": "embedding",
 "index": i, "embedding": [...]}], "model": "clp-ray-hi", "usage": {...}}``. ``input_type`` is
-clp-ray's addition (the prefix and max length used; queries by default); ``encoding_format`` may be
-``float`` only. Errors are ``{"error": {"message", "type", "param", "code"}}`` as OpenAI's are.
+clp-ray's addition (the prefix and max length used; queries by default); so is ``output``:
+``dense`` (default), or for a model with BGE-M3's heads ``sparse`` (each ``embedding`` is then the
+lexical weights ``{"token id": weight}``) or ``colbert`` (a list of token vectors).
+``encoding_format`` may be ``float`` only. Errors are ``{"error": {"message", "type", "param", "code"}}`` as OpenAI's are.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class EmbeddingRequest(BaseModel):
     model: str = Field(min_length=1)
     input: Union[str, list[str]]
     input_type: Literal["query", "passage"] = "query"
+    output: Literal["dense", "sparse", "colbert"] = "dense"
     encoding_format: Literal["float"] = "float"
     user: Optional[str] = None  # accepted (OpenAI clients send it), not used
 
@@ -31,7 +34,7 @@ class EmbeddingRequest(BaseModel):
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float]
+    embedding: Union[list[float], dict[str, float], list[list[float]]]  # dense | sparse | colbert
 
 
 class Usage(BaseModel):

@@ -3,7 +3,8 @@
 Stands in for BGE-M3 in tests and the offline ``local`` profile: nothing comes from the Hugging
 Face hub. The tokenizer is a byte-level BPE (deterministic, unlike Unigram training) trained on the
 bundled Korean help corpus; the encoder is ``XLMRobertaModel`` with random weights from a seed.
-Both are cached on disk under ``$CLP_RAY_CACHE`` (default ``~/.cache/clp-ray``) keyed by a hash of
+With ``m3_heads`` the folder also holds random BGE-M3 ``sparse_linear.pt`` / ``colbert_linear.pt``
+(the hub layout), a tiny M3-shaped model. Both are cached on disk under ``$CLP_RAY_CACHE`` (default ``~/.cache/clp-ray``) keyed by a hash of
 the settings and the training text, and built atomically so concurrent workers never see half a
 folder.
 """
@@ -22,6 +23,7 @@ from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaMo
 from clp_ray.atomic import atomic_path
 from clp_ray.cache import cache_root  # noqa: F401  (re-exported: clp_ray.tiny.cache_root)
 from clp_ray.config import ASSETS_DIR, TinyModelConfig
+from clp_ray.m3 import M3Heads, save_heads
 from clp_ray.model_settings import META_FILE, EmbedSettings
 from clp_ray.st_files import write_sentence_transformers_files
 
@@ -91,5 +93,9 @@ def _build(spec: TinyModelConfig, out: Path) -> None:
         torch.manual_seed(spec.seed)
         model = XLMRobertaModel(config, add_pooling_layer=False)
     model.save_pretrained(out)
+    if spec.m3_heads:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed + 1)
+            save_heads(M3Heads(spec.hidden_size), out)  # sparse_linear.pt, colbert_linear.pt
     (out / META_FILE).write_text(json.dumps({"format": 2, **SETTINGS, "moe": None}, indent=2) + "\n")
     write_sentence_transformers_files(out, EmbedSettings(**SETTINGS), spec.hidden_size, moe=False)

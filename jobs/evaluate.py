@@ -1,7 +1,10 @@
 """Score an embedding model on a BEIR-layout retrieval set (nDCG@10/@5, Recall@100, MRR@10).
 
-    python jobs/evaluate.py --model M --data DIR [--split test] [--run-file FILE] [--summary FILE]
+    python jobs/evaluate.py --model M --data DIR [--split test] [--mode MODE] [--run-file FILE] [--summary FILE]
     python jobs/evaluate.py --compare A B --data DIR        # paired t-test on per-query nDCG@10
+
+MODE (default eval.mode): dense, or for models with BGE-M3's heads sparse, colbert, hybrid; ``all``
+scores every mode the model has from one encoding pass.
 
 M: a hub id, a local folder (MoE folders from training included), ``tiny``, or ``models:/<name>@<alias>``.
 Without --model/--data the config's model and eval.data_dir are used (--lang/--profile/--set).
@@ -24,7 +27,7 @@ log = logging.getLogger("clp_ray.evaluate")
 def main(args) -> dict:
     # The library (torch, Ray, MLflow) is imported here, not at the top: --help and bad arguments answer at once.
     from clp_ray.errors import ClpRayError
-    from clp_ray.evaluation import compare, evaluate, format_metrics, load_beir
+    from clp_ray.evaluation import compare, evaluate_modes, format_metrics, load_beir, model_eval_modes, write_trec_run
     from clp_ray.model_refs import load_model_ref
     from clp_ray.tracking import tracking_uri
 
@@ -39,7 +42,9 @@ def main(args) -> dict:
     log.info("evaluation set %s: %d queries, %d documents (hash %s)", data.name, len(data.queries), len(data.corpus),
              data.content_hash())
     models = args.compare or [args.model or cfg.model.name_or_path]
-    results, settings = {}, {}
+    if args.mode == "all" and args.compare:
+        raise ClpRayError("--compare compares one mode: pass --mode dense|sparse|colbert|hybrid")
+    results, settings, by_mode = {}, {}, {}
     for ref in models:
         if ref in results:
             raise ClpRayError(f"--compare needs two different models, got {ref!r} twice")
@@ -48,13 +53,20 @@ def main(args) -> dict:
         # models:/ references resolve in the config's MLflow store, as the tune job registered them.
         embedder = load_model_ref(ref, model_cfg, tracking_uri=tracking_uri(cfg))
         settings[ref] = {"settings": embedder.settings.to_dict(), "sources": embedder.settings_sources}
-        run_file = args.run_file if len(models) == 1 else None
-        results[ref] = evaluate(embedder, data, batch_size=cfg.eval.batch_size, chunk_size=cfg.eval.chunk_size,
-                                top_k=cfg.eval.top_k, run_file=run_file, show_progress=True)
-    width = max(len(m) for m in models)
-    print(f"\n{'model':<{width}}  " + "  ".join(f"{k:>10}" for k in next(iter(results.values())).metrics))
-    for ref, res in results.items():
-        print(f"{ref:<{width}}  " + "  ".join(f"{v:>10.4f}" for v in res.metrics.values()))
+        modes = model_eval_modes(embedder) if args.mode == "all" else [args.mode or cfg.eval.mode]
+        e = cfg.eval
+        by_mode = evaluate_modes(embedder, data, modes, batch_size=e.batch_size, chunk_size=e.chunk_size, top_k=e.top_k,
+                                 hybrid_weights=e.hybrid_weights.model_dump(), rerank_depth=e.rerank_depth,
+                                 show_progress=True)
+        results[ref] = by_mode[modes[0]]
+        if args.run_file and len(models) == 1:
+            write_trec_run(args.run_file, results[ref].run)
+    rows = ({f"{ref} ({next(iter(by_mode))})": r for ref, r in results.items()} if args.compare
+            else {f"{models[0]} ({m})": r for m, r in by_mode.items()})
+    width = max(len(m) for m in rows)
+    print(f"\n{'model':<{width}}  " + "  ".join(f"{k:>10}" for k in next(iter(rows.values())).metrics))
+    for name, res in rows.items():
+        print(f"{name:<{width}}  " + "  ".join(f"{v:>10.4f}" for v in res.metrics.values()))
     summary = {"data": str(data_dir), "split": split, "eval_set_hash": data.content_hash(),
                "num_queries": len(data.queries), "num_docs": len(data.corpus), "model_settings": settings}
     if args.compare:
@@ -68,7 +80,8 @@ def main(args) -> dict:
     else:
         (ref, res), = results.items()
         log.info("%s: %s", ref, format_metrics(res.metrics))
-        summary.update(model=ref, metrics=res.metrics, run_file=args.run_file)
+        summary.update(model=ref, mode=next(iter(by_mode)), metrics=res.metrics, run_file=args.run_file,
+                       modes={m: r.metrics for m, r in by_mode.items()})
     return summary
 
 
@@ -77,7 +90,9 @@ def parser():
     ap.add_argument("--model", help="hub id, local folder, 'tiny' or models:/<name>@<alias> (default: model.name_or_path)")
     ap.add_argument("--data", help="BEIR-layout folder or miracl://<lang> (default: eval.data_dir)")
     ap.add_argument("--split", help="qrels split (default: eval.test_split)")
-    ap.add_argument("--run-file", help="write the TREC run file here")
+    ap.add_argument("--run-file", help="write the TREC run file here (of the first mode)")
+    ap.add_argument("--mode", choices=["dense", "sparse", "colbert", "hybrid", "all"],
+                    help="how pairs are scored (default: eval.mode); all: every mode the model has")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="evaluate two models and test the difference")
     return ap
 

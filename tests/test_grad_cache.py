@@ -63,7 +63,8 @@ def test_cached_gradients_equal_the_uncached_objectives(tiny_path, lam, top_k, c
     ref_out, ref = grads(emb, inputs, 0, lam=lam)
     out, got = grads(emb, inputs, 0, lam=lam, chunk_size=chunk)
     assert_same(got, ref)
-    torch.testing.assert_close(out.loss, ref_out.loss, rtol=0, atol=1e-6)
+    # fp32: the chunks are padded to their own widths, so sums run in another order (a few ulps of ~4)
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.router_loss, ref_out.router_loss, rtol=0, atol=1e-7)
     if top_k:
         assert out.router_loss > 0 and any("router" in n for n in got)

@@ -20,10 +20,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_path):
+def store(tmp_path_factory):
+    from clp_ray.config import TinyModelConfig
+    from clp_ray.tiny import tiny_model_path
+
     root = tmp_path_factory.mktemp("mlflow_serve")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    folder = perturbed_moe_folder(tiny_path, root / "moe")
+    # MoE layers and BGE-M3's heads: everything the pyfunc has to carry
+    folder = perturbed_moe_folder(tiny_model_path(TinyModelConfig(m3_heads=True)), root / "moe")
     register_model(uri, folder)
     return uri, root
 
@@ -62,6 +66,20 @@ def test_invocations_answer_the_pyfuncs_embeddings(server, pyfunc):
         np.testing.assert_allclose(got, pyfunc.predict(TEXTS, params=params), rtol=0, atol=1e-6)
 
 
+def test_invocations_answer_sparse_and_colbert(server, pyfunc):
+    status, out = http("POST", f"{server}/invocations", {"inputs": TEXTS, "params": {"output": "sparse"}})
+    assert status == 200, out
+    want = pyfunc.predict(TEXTS, params={"output": "sparse"})
+    assert [set(row) for row in out["predictions"]] == [set(row) for row in want] and any(want)
+    for got, ref in zip(out["predictions"], want):
+        assert all(abs(got[t] - w) < 1e-6 for t, w in ref.items())
+    status, out = http("POST", f"{server}/invocations",
+                       {"inputs": TEXTS, "params": {"output": "colbert", "kind": "passage"}})
+    assert status == 200, out
+    for got, ref in zip(out["predictions"], pyfunc.predict(TEXTS, params={"output": "colbert", "kind": "passage"})):
+        np.testing.assert_allclose(np.asarray(got, dtype=np.float32), ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("body, message", [
     ({"inputs": []}, "non-empty list of strings"),
     ({"inputs": [1, 2]}, "item 0 is int"),
@@ -69,6 +87,7 @@ def test_invocations_answer_the_pyfuncs_embeddings(server, pyfunc):
     ({"inputs": [["a", "b"]]}, "array of shape [1, 2]"),
     ({"inputs": ["a"] * (MAX_PREDICT_TEXTS + 1)}, f"at most {MAX_PREDICT_TEXTS} texts"),
     ({"inputs": ["a"], "params": {"kind": "title"}}, "must be 'query' or 'passage'"),
+    ({"inputs": ["a"], "params": {"output": "bm25"}}, "must be one of dense, sparse, colbert"),
 ])
 def test_bad_input_is_a_400_with_the_reason(server, body, message):
     status, out = http("POST", f"{server}/invocations", body)

@@ -156,7 +156,7 @@ def test_base_model_test_result_is_cached_per_model_and_set(tmp_path, monkeypatc
     def no_evaluation(*a, **k):
         raise AssertionError("evaluated again")
 
-    monkeypatch.setattr(clp_ray.tune.job, "evaluate", no_evaluation)
+    monkeypatch.setattr(clp_ray.tune.job, "evaluate_config", no_evaluation)
     again = base_model_test(cfg, data)
     assert again.metrics == first.metrics and again.per_query == first.per_query
     other = RetrievalSet(corpus=data.corpus, queries={"q1": "보호"}, qrels={"q1": {"d1": 1}}, name="toy")

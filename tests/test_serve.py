@@ -25,11 +25,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_path):
-    """hi v1 (dense), ko v1 (MoE), hi v2 (another MoE, registered but not promoted)."""
+    """hi v1 (dense), ko v1 (MoE with BGE-M3's heads), hi v2 (another MoE, registered but not promoted)."""
+    from clp_ray.config import TinyModelConfig
+    from clp_ray.tiny import tiny_model_path
+
     root = tmp_path_factory.mktemp("serve")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     folders = {"hi/1": Embedder.from_pretrained(tiny_path).save_pretrained(root / "hi1"),
-               "ko/1": perturbed_moe_folder(tiny_path, root / "ko1", seed=1),
+               "ko/1": perturbed_moe_folder(tiny_model_path(TinyModelConfig(m3_heads=True)), root / "ko1", seed=1),
                "hi/2": perturbed_moe_folder(tiny_path, root / "hi2", seed=2)}
     register_model(uri, folders["hi/1"], "clp-ray-hi", 0.5)
     register_model(uri, folders["ko/1"], "clp-ray-ko", 0.5)
@@ -133,6 +136,23 @@ def test_32_concurrent_clients_get_correct_answers(service, models):
 def test_bad_requests_get_the_reason(service, body, status, message):
     got_status, got = http("POST", f"{service[0]}/v1/embeddings", body)
     assert got_status == status and message in got["error"]["message"], got
+
+
+def test_sparse_and_colbert_outputs_where_the_model_has_the_heads(service, models):
+    url, root = service[0], models[1]
+    emb = Embedder.from_pretrained(root / "ko1")
+    status, body = http("POST", f"{url}/v1/embeddings", {"model": "clp-ray-ko", "input": TEXTS[:3], "output": "sparse"})
+    assert status == 200, body
+    for got, want in zip(body["data"], emb.encode(TEXTS[:3], kind="query", output="sparse")):
+        assert {int(t) for t in got["embedding"]} == set(want)
+        assert all(abs(got["embedding"][str(t)] - w) < 1e-5 for t, w in want.items())
+    status, body = http("POST", f"{url}/v1/embeddings",
+                        {"model": "clp-ray-ko", "input": TEXTS[:3], "output": "colbert", "input_type": "passage"})
+    assert status == 200, body
+    for got, want in zip(body["data"], emb.encode(TEXTS[:3], kind="passage", output="colbert")):
+        np.testing.assert_allclose(np.asarray(got["embedding"], dtype=np.float32), want.numpy(), rtol=0, atol=1e-5)
+    status, body = http("POST", f"{url}/v1/embeddings", {"model": "clp-ray-hi", "input": ["a"], "output": "sparse"})
+    assert status == 400 and "has no sparse head" in body["error"]["message"] and body["error"]["param"] == "output"
 
 
 def test_malformed_json_is_a_400(service):

@@ -176,6 +176,11 @@ def test_bad_input_fails_before_workers_start(tmp_path):
     assert p.returncode == 2 and "Started a local Ray instance" not in p.stderr
     assert (f"error: model.name_or_path = {tmp_path / 'no-model'} (--set model.name_or_path={tmp_path / 'no-model'}): "
             f"model folder {tmp_path / 'no-model'} not found") in p.stderr
+    # Sparse/ColBERT evaluation of a model without BGE-M3's heads (and not training new ones).
+    p = train_in_process("--set", "eval.mode=hybrid")
+    assert p.returncode == 2 and "Started a local Ray instance" not in p.stderr
+    assert ("error: eval.mode = hybrid (--set eval.mode=hybrid) needs BGE-M3's sparse and ColBERT heads "
+            "(sparse_linear.pt, colbert_linear.pt), which model.name_or_path = tiny") in p.stderr
     p = train_in_process("--set", f"model.name_or_path={tmp_path}")
     assert p.returncode == 2 and f"{tmp_path} is not a model folder: it has no config.json" in p.stderr
     assert "Started a local Ray instance" not in p.stderr
@@ -254,3 +259,46 @@ def test_grad_cache_training_ends_with_the_same_weights(stage, tmp_path, small_d
     assert max(diffs.values()) <= 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
     start = dict(Embedder.from_pretrained(model).named_parameters())
     assert any(not torch.equal(p, start[n]) for n, p in weights[False].items() if n in start)  # it trained
+
+
+def test_m3_heads_keep_under_zero3_and_unified_training(tmp_path, small_data, ray_local):
+    """BGE-M3's heads through training. ``keep`` under ZeRO-3 (every tensor sharded): the heads are
+    gathered and saved byte for byte as loaded, while the encoder trains. ``unified`` with gradient
+    caching and hybrid dev evaluation: the heads train, the loss terms are logged, and the saved
+    model reproduces the hybrid dev metrics the trainer reported."""
+    from mlflow import MlflowClient
+
+    from clp_ray.m3 import COLBERT_FILE, SPARSE_FILE
+    from clp_ray.modeling import Embedder
+    from clp_ray.tiny import tiny_model_path
+    from clp_ray.train import run_training
+
+    source = tiny_model_path(load_config("hi", "tiny", ["model.tiny.m3_heads=true"]).model.tiny)
+    common = ["model.tiny.m3_heads=true", "train.max_steps=4", "train.eval_every_steps=2", "moe.train_only=all"]
+    keep = run_training(make_cfg(tmp_path / "keep", small_data, *common, "deepspeed.stage=3",
+                                 "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}"))
+    kept = Path(keep.model_path)
+    for f in (SPARSE_FILE, COLBERT_FILE):
+        assert (kept / f).read_bytes() == (source / f).read_bytes()
+    start = Embedder.from_pretrained(source)
+    trained = Embedder.from_pretrained(kept)
+    assert not torch.equal(trained.encoder.embeddings.word_embeddings.weight, start.encoder.embeddings.word_embeddings.weight)
+
+    cfg = make_cfg(tmp_path / "unified", small_data, *common, "model.m3_heads=unified", "deepspeed.stage=2",
+                   "train.grad_cache=true", "train.grad_cache_chunk_size=3", "eval.mode=hybrid")
+    unified = run_training(cfg)
+    heads = Embedder.from_pretrained(unified.model_path).heads
+    assert not torch.equal(heads.sparse_linear.weight, start.heads.sparse_linear.weight)
+    assert not torch.equal(heads.colbert_linear.weight, start.heads.colbert_linear.weight)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    logged = client.get_run(unified.mlflow_run_id).data.metrics
+    for k in ("dense", "sparse", "colbert", "ensemble", "distill"):
+        assert f"train/m3_{k}" in logged
+    from clp_ray.data import dev_retrieval_set, load_records, split_train_dev, validate
+    from clp_ray.evaluation import evaluate_config
+
+    report = validate(cfg.data.train_paths, lam=cfg.loss.lam, group_size=cfg.data.train_group_size)
+    ds = load_records(report, lam=cfg.loss.lam, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
+    dev = dev_retrieval_set(split_train_dev(ds, cfg.data.dev_fraction, cfg.data.seed)[1])
+    res = evaluate_config(Embedder.from_pretrained(unified.model_path), dev, cfg.eval)
+    assert unified.metrics["dev_ndcg@10"] == pytest.approx(res.metrics["ndcg@10"], abs=1e-9)

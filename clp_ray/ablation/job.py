@@ -21,7 +21,7 @@ from clp_ray.ablation.runs import train_runs
 from clp_ray.ablation.stats import compare_arms, comparison_pairs
 from clp_ray.config import ExperimentConfig
 from clp_ray.errors import ConfigError
-from clp_ray.evaluation import RetrievalSet, evaluate, format_metrics, load_beir
+from clp_ray.evaluation import RetrievalSet, evaluate_config, format_metrics, load_beir
 from clp_ray.model_refs import load_embedder, num_encoder_layers
 from clp_ray.modeling import Embedder
 from clp_ray.storage import local_folder
@@ -139,8 +139,7 @@ def _evaluate_run(ctx: _Context, spec: RunSpec, parent: Tracker) -> RunResult:
         model_path, embedder = spec.cfg.model.name_or_path, load_embedder(spec.cfg.model)
         tracker = Tracker(parent.uri, _untrained_child(ctx, spec, parent))
     log.info("evaluating %s (arm %s, seed %s) on %s", spec.name, spec.arm, spec.seed, ctx.test_set.name)
-    res = evaluate(embedder, ctx.test_set, batch_size=e.batch_size, chunk_size=e.chunk_size, top_k=e.top_k,
-                   run_file=folder / "test.trec", show_progress=True)
+    res = evaluate_config(embedder, ctx.test_set, e, run_file=folder / "test.trec", show_progress=True)
     log.info("%s: %s", spec.name, format_metrics(res.metrics))
     result = RunResult(spec.arm, spec.seed, spec.name, str(model_path), str(folder / "test.trec"), res.metrics,
                        res.per_query, ctx.test_set.content_hash(), tracker.run_id if tracker else None)

@@ -19,6 +19,7 @@ from clp_ray.config import ExperimentConfig
 from clp_ray.data import load_records, split_train_dev, validate
 from clp_ray.errors import ClpRayError, ConfigError
 from clp_ray.locks import exclusive
+from clp_ray.m3 import HEAD_FILES
 from clp_ray.model_refs import is_moe_folder, num_encoder_layers, resolve_source
 from clp_ray.model_settings import ResolvedSettings, resolve
 from clp_ray.modeling import settings_folder
@@ -163,6 +164,24 @@ def check_consistency(cfg: ExperimentConfig) -> None:
                           f"{cfg.cite('data.train_group_size')}: it must be >= 2 (or loss.lam = 0)")
 
 
+def check_heads(cfg: ExperimentConfig) -> None:
+    """``eval.mode`` sparse/colbert/hybrid needs BGE-M3's heads: in the model folder (``tiny``: its
+    ``m3_heads`` setting), or made by ``model.m3_heads = unified``. A hub id is left to the workers."""
+    if cfg.eval.mode == "dense" or cfg.model.m3_heads == "unified":
+        return
+    ref = cfg.model.name_or_path
+    if ref == "tiny":
+        has = cfg.model.tiny.m3_heads
+    elif Path(ref).is_dir():
+        has = all((Path(ref) / f).is_file() for f in HEAD_FILES)
+    else:
+        return
+    if not has:
+        raise ConfigError(f"{cfg.cite('eval.mode')} needs BGE-M3's sparse and ColBERT heads ({', '.join(HEAD_FILES)}), "
+                          f"which {cfg.cite('model.name_or_path')} does not have; use eval.mode = dense, a model with "
+                          "the heads, or model.m3_heads = unified (trains new ones)")
+
+
 def _validated_data(cfg: ExperimentConfig):
     """The data's validation report (rejects beside the runs of this config, under ``skip``)."""
     d = cfg.data
@@ -178,6 +197,7 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[Callable[[ExperimentConfig,
     """All checks that can fail on user input, before any cluster work. ``name(cfg, data hash)``
     names the run (default :func:`run_name`)."""
     check_consistency(cfg)
+    check_heads(cfg)
     ds_config = deepspeed_config(cfg, cfg.ray.num_workers)
     check_writable(cfg.train.output_dir, cfg.cite("train.output_dir"), folder=True)
     check_storage(cfg)

@@ -26,13 +26,14 @@ import ray.train.torch
 import torch
 
 from clp_ray.data import Collator, dev_retrieval_set, load_records, rank_batches, sample_group, split_train_dev
-from clp_ray.evaluation import evaluate
+from clp_ray.evaluation import evaluate_config
 from clp_ray.model_refs import load_embedder
 from clp_ray.moe import apply_train_only
 from clp_ray.objective import CLPObjective, ObjectiveOutput
 from clp_ray.redact import install_log_filter
 from clp_ray.tracking import Tracker
 from clp_ray.train.engine import build_engine, num_tokens, rng_state, save_final_model, set_rng_state, to_device
+from clp_ray.train.heads import apply_heads_policy, m3_loss_settings
 from clp_ray.train.payload import WorkerPayload
 from clp_ray.train.schedule import plan_steps
 
@@ -64,6 +65,7 @@ class Window:
     n: int = 0
     examples: int = 0
     tokens: int = 0
+    components: dict[str, float] = field(default_factory=dict)  # unified M3 training's loss terms
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, out: ObjectiveOutput, examples: int, tokens: int) -> None:
@@ -71,6 +73,8 @@ class Window:
         self.contrastive += float(out.contrastive.detach())
         self.penalty += float(out.penalty.detach())
         self.router_loss += float(out.router_loss.detach())
+        for k, v in out.components.items():
+            self.components[k] = self.components.get(k, 0.0) + float(v.detach())
         self.n += 1
         self.examples += examples
         self.tokens += tokens
@@ -79,7 +83,8 @@ class Window:
         dt, n = max(time.perf_counter() - self.started, 1e-9), max(self.n, 1)
         return {"train/loss": self.loss / n, "train/contrastive": self.contrastive / n,
                 "train/penalty": self.penalty / n, "train/router_loss": self.router_loss / n,
-                "train/examples_per_s": self.examples / dt, "train/tokens_per_s": self.tokens / dt}
+                "train/examples_per_s": self.examples / dt, "train/tokens_per_s": self.tokens / dt,
+                **{f"train/m3_{k}": v / n for k, v in self.components.items()}}
 
 
 class TrainWorker:
@@ -108,12 +113,13 @@ class TrainWorker:
         random.seed(cfg.train.seed)
         self.embedder = load_embedder(cfg.model, cfg.moe)
         policy = cfg.moe.train_only if cfg.moe.enabled else ("all" if cfg.moe.train_only == "moe" else cfg.moe.train_only)
-        self.trainable, self.total_params = apply_train_only(self.embedder, policy, layers=cfg.moe.layers, site=cfg.moe.site)
+        apply_train_only(self.embedder, policy, layers=cfg.moe.layers, site=cfg.moe.site)
+        self.trainable, self.total_params = apply_heads_policy(self.embedder, cfg.model.m3_heads)
         if cfg.model.gradient_checkpointing:
             self.embedder.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         chunk = cfg.train.grad_cache_chunk_size if cfg.train.grad_cache else None
         self.objective = CLPObjective(self.embedder, cfg.loss.temperature, cfg.loss.lam, cfg.loss.cross_device_negatives,
-                                      chunk_size=chunk)
+                                      chunk_size=chunk, m3=m3_loss_settings(cfg))
 
     def _load_data(self) -> None:
         d = self.cfg.data
@@ -181,9 +187,8 @@ class TrainWorker:
     def evaluate(self) -> dict[str, float]:
         if self.dev_set is None:
             return {}
-        e = self.cfg.eval
         self.engine.eval()
-        res = evaluate(self.embedder, self.dev_set, batch_size=e.batch_size, chunk_size=e.chunk_size, top_k=e.top_k)
+        res = evaluate_config(self.embedder, self.dev_set, self.cfg.eval)
         self.engine.train()
         return {f"dev_{k}": v for k, v in res.metrics.items()}
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from clp_ray.config import ExperimentConfig
 from clp_ray.errors import ClpRayError, ConfigError
-from clp_ray.evaluation import EvalResult, RetrievalSet, compare, evaluate, load_beir, load_result, save_result
+from clp_ray.evaluation import EvalResult, RetrievalSet, compare, evaluate_config, load_beir, load_result, save_result
 from clp_ray.model_refs import load_embedder, num_encoder_layers
 from clp_ray.modeling import Embedder
 from clp_ray.plots import write_sweep_plots
@@ -64,18 +64,18 @@ class _Context:
 
 def base_model_test(cfg: ExperimentConfig, test_set: RetrievalSet) -> EvalResult:
     """The untrained model's test result (per-query scores kept for the paired test), cached on disk
-    per (model, its settings, evaluation set, depth): a resumed or repeated sweep does not pay again."""
+    per (model, its settings, evaluation set, depth, mode): a resumed or repeated sweep does not pay again."""
     key = json.dumps({"model": cfg.model.name_or_path, "tiny": cfg.model.tiny.model_dump(),
                       "settings": model_settings(cfg).settings.to_dict(), "eval_set": test_set.content_hash(),
-                      "top_k": cfg.eval.top_k, "format": 1}, sort_keys=True)
+                      "top_k": cfg.eval.top_k, "mode": cfg.eval.mode, "hybrid_weights": cfg.eval.hybrid_weights.model_dump(),
+                      "rerank_depth": cfg.eval.rerank_depth, "format": 1}, sort_keys=True)
     path = Path(cfg.train.output_dir).resolve() / "base_eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     cached = load_result(path)
     if cached is not None:
         log.info("base model's test metrics from %s", path)
         return cached
     log.info("evaluating the base model (no training) on %s", test_set.name)
-    res = evaluate(load_embedder(cfg.model), test_set, batch_size=cfg.eval.batch_size, chunk_size=cfg.eval.chunk_size,
-                   top_k=cfg.eval.top_k, show_progress=True)
+    res = evaluate_config(load_embedder(cfg.model), test_set, cfg.eval, show_progress=True)
     save_result(res, path)
     return res
 
@@ -147,8 +147,7 @@ def _test_best(ctx: _Context, trials: list[TrialSummary]) -> tuple[TrialSummary,
     log.info("best trial %s: %s = %.4f; evaluating on %s", best.trial_id, METRIC, best.dev_metric, ctx.test_set.name)
     best_model = local_folder(best.model_path, ctx.out_dir)
     e = ctx.cfg.eval
-    res = evaluate(Embedder.from_pretrained(best_model), ctx.test_set, batch_size=e.batch_size, chunk_size=e.chunk_size,
-                   top_k=e.top_k, show_progress=True)
+    res = evaluate_config(Embedder.from_pretrained(best_model), ctx.test_set, e, show_progress=True)
     return best, best_model, res
 
 
@@ -167,7 +166,7 @@ def _register(ctx: _Context, parent: Tracker, best: TrialSummary, best_model: Pa
 
     def rescore(model_uri: str) -> float:
         emb = load_registered_embedder(model_uri, parent.uri)
-        return evaluate(emb, ctx.test_set, batch_size=e.batch_size, chunk_size=e.chunk_size, top_k=e.top_k).metrics["ndcg@10"]
+        return evaluate_config(emb, ctx.test_set, e).metrics["ndcg@10"]
 
     promotion = promote_if_better(parent.uri, reg_name, mv.version, rescore=rescore, base_score=base.metrics["ndcg@10"])
     parent.set_tags({"clp_ray.registered_version": mv.version, "clp_ray.promotion": promotion.reason})
