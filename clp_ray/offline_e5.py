@@ -192,6 +192,8 @@ def build(weights: Path, tokenizer_json: Path, out: Path) -> None:
 
 
 def _write_sentence_transformers_files(out: Path, max_len: int, dim: int) -> None:
+    # The published folder's own files (no query/document lengths), not clp_ray.st_files': the
+    # rebuild must resolve to the settings the hub model resolves to.
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},

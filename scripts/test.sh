@@ -23,9 +23,9 @@ fi
 # another so that there is never a second Ray instance, and all the others beside them (their output
 # follows). Either run collecting nothing (exit 5) fails the suite.
 others=$(mktemp)
-python -m pytest -m "not ray" -p no:cacheprovider >"$others" 2>&1 &
+python -m pytest -m "not ray" -p no:cacheprovider --durations=15 >"$others" 2>&1 &
 pid=$!
-python -m pytest -m ray
+python -m pytest -m ray --durations=15
 rc_ray=$?
 wait "$pid"
 rc_others=$?

@@ -68,3 +68,37 @@ def test_sentence_transformers_export_of_a_registered_moe_model(tiny_path, tmp_p
     st = SentenceTransformer(str(out), device="cpu", trust_remote_code=True)
     np.testing.assert_allclose(st.encode_query(TEXTS), Embedder.from_pretrained(folder).encode(TEXTS, kind="query").numpy(),
                                rtol=0, atol=1e-5)
+
+
+def test_exports_carry_bge_m3_heads_and_onnx_returns_their_outputs(tmp_path):
+    """Both formats copy the heads byte for byte; the ONNX graph's sparse_weights and
+    colbert_vectors, post-processed as the export docs say, equal Embedder.encode's modes."""
+    import onnxruntime as ort
+    import torch
+
+    from clp_ray.config import TinyModelConfig
+    from clp_ray.m3 import HEAD_FILES, lexical_weights, sparse_vectors, unused_token_ids
+    from clp_ray.tiny import tiny_model_path
+
+    src = tiny_model_path(TinyModelConfig(m3_heads=True))
+    emb = Embedder.from_pretrained(src)
+    for fmt in ("onnx", "sentence-transformers"):
+        p = run_in_process("export.py", "--model", str(src), "--out", str(tmp_path / fmt), "--format", fmt)
+        assert p.returncode == 0, p.stderr
+        for f in HEAD_FILES:
+            assert (tmp_path / fmt / f).read_bytes() == (src / f).read_bytes()
+    assert Embedder.from_pretrained(tmp_path / "sentence-transformers").modes == ("dense", "sparse", "colbert")
+    enc = emb.tokenize(TEXTS, kind="passage")
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    dense, weights, vectors = session.run(["sentence_embedding", "sparse_weights", "colbert_vectors"],
+                                          {k: enc[k].numpy() for k in ("input_ids", "attention_mask")})
+    want = emb.encode(TEXTS, kind="passage", output=("dense", "sparse", "colbert"))
+    np.testing.assert_allclose(dense, want.dense.numpy(), rtol=0, atol=1e-5)
+    got = lexical_weights(sparse_vectors(torch.from_numpy(weights), enc["input_ids"], enc["attention_mask"],
+                                         emb.encoder.config.vocab_size, unused_token_ids(emb.tokenizer)))
+    for i in range(len(TEXTS)):
+        assert got[i].keys() == want.sparse[i].keys()
+        assert all(abs(got[i][t] - w) < 1e-5 for t, w in want.sparse[i].items())
+        real = enc["attention_mask"][i, 1:].bool().numpy()
+        np.testing.assert_allclose(vectors[i][real], want.colbert[i].numpy(), rtol=0, atol=1e-5)
+        assert not vectors[i][~real].any()  # zero at padding

@@ -309,3 +309,32 @@ def test_grad_cache_gradients_on_gpu_in_bf16_match_the_uncached_objective(tiny_p
         grads.append({n: t.grad.float() for n, t in emb.named_parameters() if t.grad is not None})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=0.05, atol=2e-3, msg=name)
+
+
+def test_m3_modes_and_unified_loss_on_gpu_in_bf16_match_the_cpu():
+    """BGE-M3's sparse and ColBERT outputs on CUDA (fp32 to 1e-5 of the CPU; bf16 close), and the
+    unified loss in bf16 reaching the heads with finite gradients."""
+    from clp_ray.config import TinyModelConfig
+    from clp_ray.data import Collator, Group
+    from clp_ray.m3_loss import M3LossSettings
+    from clp_ray.modeling import Embedder
+    from clp_ray.objective import CLPObjective
+    from clp_ray.tiny import tiny_model_path
+
+    path = tiny_model_path(TinyModelConfig(m3_heads=True))
+    cpu = Embedder.from_pretrained(path).encode(TEXTS, output=("sparse", "colbert"))
+    gpu_model = Embedder.from_pretrained(path).cuda()
+    gpu = gpu_model.encode(TEXTS, output=("sparse", "colbert"))
+    for a, b, ca, cb in zip(cpu.sparse, gpu.sparse, cpu.colbert, gpu.colbert):
+        assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-5 for t in a)
+        assert torch.allclose(ca, cb, atol=1e-5)
+    model = gpu_model.to(torch.bfloat16).train()
+    groups = [Group(f"{t} ?", [t, TEXTS[(i + 1) % len(TEXTS)]], [TEXTS[(i + 2) % len(TEXTS)]]) for i, t in enumerate(TEXTS)]
+    batch = Collator.for_embedder(model, 2)(groups)
+    obj = CLPObjective(model, 0.05, 0.1, False, m3=M3LossSettings(temperature=0.05, lam=0.1, cross_device=False))
+    out = obj(*(batch[k].to("cuda") for k in ("query", "passage", "neg_query")))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    for head in (model.heads.sparse_linear, model.heads.colbert_linear):
+        assert head.weight.grad is not None and torch.isfinite(head.weight.grad.float()).all()
+        assert head.weight.grad.abs().sum() > 0

@@ -283,6 +283,18 @@ def test_m3_heads_keep_under_zero3_and_unified_training(tmp_path, small_data, ra
     start = Embedder.from_pretrained(source)
     trained = Embedder.from_pretrained(kept)
     assert not torch.equal(trained.encoder.embeddings.word_embeddings.weight, start.encoder.embeddings.word_embeddings.weight)
+    # ... and on through the registry: the pyfunc's heads are those bytes too
+    import mlflow
+    from conftest import register_model
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    register_model(uri, kept)
+    mlflow.set_tracking_uri(uri)
+    artifact = Path(mlflow.artifacts.download_artifacts("models:/clp-ray-hi@champion"))
+    assert next(artifact.rglob(COLBERT_FILE)).read_bytes() == (source / COLBERT_FILE).read_bytes()
+    texts = ["셀 보호 해제", "차트 데이터 범위"]
+    served = mlflow.pyfunc.load_model("models:/clp-ray-hi@champion").predict(texts, params={"output": "sparse"})
+    assert served == [{str(t): w for t, w in row.items()} for row in trained.encode(texts, kind="query", output="sparse")]
 
     cfg = make_cfg(tmp_path / "unified", small_data, *common, "model.m3_heads=unified", "deepspeed.stage=2",
                    "train.grad_cache=true", "train.grad_cache_chunk_size=3", "eval.mode=hybrid")
