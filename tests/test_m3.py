@@ -143,6 +143,40 @@ def test_half_a_pair_or_a_misfit_head_is_an_error_naming_the_file(m3_path, tmp_p
         Embedder.from_pretrained(bad)
 
 
+def test_hub_ids_download_the_heads_a_repo_without_them_is_dense_and_offline_warns(m3, m3_path, monkeypatch, caplog):
+    import huggingface_hub
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    from clp_ray.m3 import load_heads
+
+    calls = []
+
+    def from_hub(repo, filename, **kw):
+        calls.append((repo, filename))
+        return str(m3_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", from_hub)
+    heads = load_heads("BAAI/bge-m3", m3.dim)
+    assert calls == [("BAAI/bge-m3", SPARSE_FILE), ("BAAI/bge-m3", COLBERT_FILE)]
+    assert torch.equal(heads.colbert_linear.weight, m3.heads.colbert_linear.weight)
+
+    def not_in_repo(repo, filename, **kw):
+        raise RemoteEntryNotFoundError.__new__(RemoteEntryNotFoundError)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_in_repo)
+    with caplog.at_level("WARNING", logger="clp_ray.m3"):
+        assert load_heads("intfloat/multilingual-e5-small", m3.dim) is None
+    assert not caplog.records
+
+    def offline(repo, filename, **kw):
+        raise OSError("cannot reach the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with caplog.at_level("WARNING", logger="clp_ray.m3"):
+        assert load_heads("BAAI/bge-m3", m3.dim) is None
+    assert "cannot fetch sparse_linear.pt (cannot reach the hub): the model loads without its sparse/ColBERT heads" in caplog.text
+
+
 # ------------------------------------------------------------------------------ the modes
 
 
