@@ -316,38 +316,46 @@ def evaluate_modes(
     doc_ids, qids = list(data.corpus), list(data.queries)
     if not qids:
         raise DataError(f"{data.name}: no queries to evaluate")
+    docs, queries = [data.corpus[i] for i in doc_ids], [data.queries[i] for i in qids]
     enc = {"batch_size": batch_size, "show_progress": show_progress}
-    rerank = rerank_depth is not None and need != ("dense",)
-    q_need = tuple(dict.fromkeys(("dense", *need))) if rerank else need
-    docs = [data.corpus[i] for i in doc_ids]
+    weights = {m: mode_weights(m, hybrid_weights) for m in modes}
     if need == ("dense",):  # the common case: plain tensors, no per-mode bookkeeping
         d = embedder.encode(docs, kind="passage", desc="encode corpus", **enc)
-        q = embedder.encode([data.queries[i] for i in qids], kind="query", desc="encode queries", **enc)
-        return {m: _scored(data, qids, doc_ids, *exact_search(q, d, top_k, chunk_size=chunk_size)) for m in modes}
-    vocab = int(embedder.encoder.config.vocab_size)
-    q_reps = ModeReps.from_encoding(embedder.encode([data.queries[i] for i in qids], kind="query", output=q_need,
-                                                    desc="encode queries", **enc), vocab)
-    if not rerank:
-        d_reps = ModeReps.from_encoding(embedder.encode(docs, kind="passage", output=need, desc="encode corpus", **enc), vocab)
-        found = {m: exact_mode_search(q_reps, d_reps, mode_weights(m, hybrid_weights), top_k, chunk_size=chunk_size)
-                 for m in modes}
-        return {m: _scored(data, qids, doc_ids, *found[m]) for m in modes}
+        q = embedder.encode(queries, kind="query", desc="encode queries", **enc)
+        found = {m: exact_search(q, d, top_k, chunk_size=chunk_size) for m in modes}
+    elif rerank_depth is None:
+        q_reps = _reps(embedder, queries, "query", need, "encode queries", enc)
+        d_reps = _reps(embedder, docs, "passage", need, "encode corpus", enc)
+        found = {m: exact_mode_search(q_reps, d_reps, w, top_k, chunk_size=chunk_size) for m, w in weights.items()}
+    else:
+        found = _reranked(embedder, queries, docs, need, weights, rerank_depth, top_k, chunk_size, enc)
+    return {m: _scored(data, qids, doc_ids, *found[m]) for m in modes}
+
+
+def _reps(embedder, texts: list[str], kind: str, modes: tuple[str, ...], desc: str, enc: dict) -> ModeReps:
+    return ModeReps.from_encoding(embedder.encode(texts, kind=kind, output=modes, desc=desc, **enc),
+                                  int(embedder.encoder.config.vocab_size))
+
+
+def _reranked(embedder, queries: list[str], docs: list[str], need: tuple[str, ...], weights: dict, depth: int,
+              top_k: int, chunk_size: int, enc: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per mode (scores, corpus indices): dense exact, the others re-ranking the dense top ``depth``
+    (only those passages encoded in the other modes)."""
+    q_reps = _reps(embedder, queries, "query", tuple(dict.fromkeys(("dense", *need))), "encode queries", enc)
     dense_docs = embedder.encode(docs, kind="passage", desc="encode corpus (dense)", **enc)
-    _, cand = exact_search(q_reps.dense, dense_docs, rerank_depth, chunk_size=chunk_size)
+    _, cand = exact_search(q_reps.dense, dense_docs, depth, chunk_size=chunk_size)
     pool = sorted(set(cand.flatten().tolist()))
     where = {j: n for n, j in enumerate(pool)}
-    d_reps = ModeReps.from_encoding(embedder.encode([docs[j] for j in pool], kind="passage", output=need,
-                                                    desc="encode candidates", **enc), vocab)
+    d_reps = _reps(embedder, [docs[j] for j in pool], "passage", need, "encode candidates", enc)
     local = torch.tensor([[where[j] for j in row] for row in cand.tolist()], dtype=torch.long)
-    out = {}
-    for m in modes:
+    found = {}
+    for m, w in weights.items():
         if m == "dense":
-            s, i = exact_search(q_reps.dense, dense_docs, top_k, chunk_size=chunk_size)
+            found[m] = exact_search(q_reps.dense, dense_docs, top_k, chunk_size=chunk_size)
         else:
-            s, i = rerank_search(q_reps, d_reps, local, mode_weights(m, hybrid_weights), top_k)
-            i = torch.as_tensor(pool)[i]
-        out[m] = _scored(data, qids, doc_ids, s, i)
-    return out
+            s, i = rerank_search(q_reps, d_reps, local, w, top_k)
+            found[m] = (s, torch.as_tensor(pool)[i])
+    return found
 
 
 def _scored(data: RetrievalSet, qids: list[str], doc_ids: list[str], scores: torch.Tensor, idx: torch.Tensor) -> EvalResult:

@@ -60,9 +60,10 @@ class ModeReps:
         if enc.sparse is not None:
             reps.sparse = _csr(enc.sparse, vocab_size)
         if enc.colbert is not None:
-            width = max(max(v.shape[0] for v in enc.colbert), 1)
+            lengths = torch.tensor([v.shape[0] for v in enc.colbert])
+            width = max(int(lengths.max()), 1)
             reps.colbert = torch.stack([F.pad(v, (0, 0, 0, width - v.shape[0])) for v in enc.colbert])
-            reps.colbert_mask = torch.tensor([[1] * v.shape[0] + [0] * (width - v.shape[0]) for v in enc.colbert])
+            reps.colbert_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return reps
 
     def take(self, rows) -> ModeReps:
