@@ -174,6 +174,12 @@ def lexical_weights(sparse: torch.Tensor) -> list[dict[int, float]]:
     return rows
 
 
+def lexical_json(rows: Sequence[dict[int, float]]) -> list[dict[str, float]]:
+    """Lexical weights as JSON carries them (FlagEmbedding's ``lexical_weights`` layout): object
+    keys are strings, so token ids become ``"123"``."""
+    return [{str(t): w for t, w in row.items()} for row in rows]
+
+
 def sparse_scores(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """``[Bq, Bp]`` lexical matching scores of :func:`sparse_vectors` rows."""
     return q.float() @ p.float().T

@@ -55,8 +55,10 @@ class EmbedderPyfunc(mlflow.pyfunc.PythonModel):
             raise BadInput(f"params['output'] = {output!r}: this model has no {output} head (its modes: "
                            f"{', '.join(self.embedder.modes)})")
         result = self.embedder.encode(texts, batch_size=batch_size, kind=kind, output=output)
-        if output == "sparse":  # FlagEmbedding's lexical_weights layout: JSON object keys are strings
-            return [{str(t): w for t, w in row.items()} for row in result]
+        if output == "sparse":
+            from clp_ray.m3 import lexical_json  # torch: imported with the model, not on import
+
+            return lexical_json(result)
         if output == "colbert":
             return [v.numpy().astype("float32") for v in result]
         return result.numpy().astype("float32")

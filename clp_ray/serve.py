@@ -108,7 +108,9 @@ def _encode(embedder, jobs: list[EmbedJob], kind: str, batch_size: int, output: 
     if output == "dense":
         vectors = result.numpy()
     elif output == "sparse":
-        vectors = [{str(t): w for t, w in row.items()} for row in result]
+        from clp_ray.m3 import lexical_json  # torch: in the replica that holds the model, not on import
+
+        vectors = lexical_json(result)
     else:
         vectors = [v.numpy() for v in result]
     ids = embedder.tokenizer(embedder.prefixed(texts, kind), truncation=True, max_length=embedder.settings.max_len(kind))
