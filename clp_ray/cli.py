@@ -13,11 +13,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Optional
 
 from clp_ray.atomic import check_writable, write_json
-from clp_ray.config import ExperimentConfig, load_config
-from clp_ray.errors import ClpRayError, JobInterrupted
+from clp_ray.config import ExperimentConfig, known_profiles, load_config
+from clp_ray.errors import ClpRayError, ConfigError, JobInterrupted
 from clp_ray.redact import install_log_filter, redact, redact_obj
 
 EXIT_USER_ERROR = 2
@@ -27,7 +28,7 @@ def experiment_parser(description: str, *, lang_required: bool = True) -> argpar
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--lang", required=lang_required, help="language config: configs/lang/<lang>.yaml")
     ap.add_argument(
-        "--profile", default=os.environ.get("CLP_RAY_PROFILE", "local"),
+        "--profile", default=None,
         help="configs/profiles/<profile>.yaml (default: $CLP_RAY_PROFILE or 'local')",
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -56,10 +57,26 @@ def add_summary_arg(ap: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, model: Optional[str] = None) -> ExperimentConfig:
     """The job's config; with ``model`` (a ``--model REF`` other than the config's own model) the
     model settings the config files wrote for their model give way to ``REF``'s own folder."""
-    cfg = load_config(args.lang, args.profile, args.overrides, config_dir=args.config_dir)
+    profile = job_profile(args)
+    cfg = load_config(args.lang, profile, args.overrides, config_dir=args.config_dir)
     if model is None or model == cfg.model.name_or_path:
         return cfg
-    return load_config(args.lang, args.profile, args.overrides, config_dir=args.config_dir, model=model)
+    return load_config(args.lang, profile, args.overrides, config_dir=args.config_dir, model=model)
+
+
+def job_profile(args: argparse.Namespace) -> str:
+    """``--profile``, else ``$CLP_RAY_PROFILE``, else ``local``; a bad variable is named as such."""
+    if getattr(args, "profile", None) is not None:
+        return args.profile
+    value = os.environ.get("CLP_RAY_PROFILE")
+    if value is None:
+        return "local"
+    known = known_profiles(Path(args.config_dir) if args.config_dir else None)
+    if value.strip() not in known:
+        what = "is set but empty" if not value.strip() else f"= {value!r} names no profile"
+        raise ConfigError(f"environment variable CLP_RAY_PROFILE {what}; known profiles: {', '.join(known)} "
+                          "(unset it for 'local', or pass --profile)")
+    return value.strip()
 
 
 def setup_logging() -> None:

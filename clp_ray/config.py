@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
+from clp_ray import bounded_yaml
 from clp_ray.errors import ConfigError
 from clp_ray.moe_spec import ROUTER_DEFAULTS, TopOneGate
 
@@ -42,6 +43,25 @@ class _Section(BaseModel):
     # Unknown keys are errors, not silently ignored typos; assignments are validated too; no
     # infinities or NaN where a number is expected (.inf would pass a `ge=0` bound).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        """No booleans where a number is expected (pydantic would make ``true`` 1) and no numbers
+        where a boolean is (``2`` would be True)."""
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and kinds and bool not in kinds:
+            raise ValueError(f"expected {' or '.join(k.__name__ for k in kinds)}, not a boolean")
+        if kinds == {bool} and not isinstance(value, bool) and isinstance(value, (int, float)):
+            raise ValueError("expected true or false, not a number")
+        return value
+
+
+def _scalar_kinds(annotation: Any) -> set[type]:
+    """The int/float/bool types an annotation admits (through Optional, Annotated, unions)."""
+    if annotation in (int, float, bool):
+        return {annotation}
+    return {k for arg in get_args(annotation) for k in _scalar_kinds(arg)}
 
 
 class TinyModelConfig(_Section):
@@ -258,6 +278,17 @@ class EvalConfig(_Section):
     # None: exact search of the full corpus in every mode. N: sparse/colbert/hybrid re-rank each
     # query's dense top-N (for corpora whose ColBERT token vectors do not fit in memory).
     rerank_depth: Optional[int] = Field(None, ge=1)
+    # The dev set that ASHA prunes on, that picks the best trial and that training reports
+    # (clp_ray/dev_set.py); always searched against the full evaluation corpus:
+    #   qrels:   data_dir's qrels/<dev_split>.tsv (queries never trained on);
+    #   heldout: queries held out of the training records (data.dev_fraction, data.dev_split),
+    #            searched against data_dir's corpus plus every training passage;
+    #   auto:    qrels when data_dir has a dev_split other than test_split, else heldout.
+    dev_source: Literal["auto", "qrels", "heldout"] = "auto"
+    dev_split: str = "dev"
+    # None: the whole corpus. N: a seeded subsample, every judged passage plus N others (for
+    # corpora too large to search at every evaluation, e.g. MIRACL's).
+    dev_corpus_sample: Optional[int] = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _depth_covers_top_k(self) -> EvalConfig:
@@ -496,8 +527,9 @@ def load_yaml_layer(path: Path) -> _Layer:
     except OSError as e:
         raise ConfigError(f"{shown}: cannot read config file: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
+        data, node = bounded_yaml.compose_and_load(text)
+    except bounded_yaml.YAMLBombError as e:
+        raise ConfigError(f"{shown}: refused: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -521,7 +553,9 @@ def parse_set(assignment: str) -> _Layer:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = bounded_yaml.safe_load(raw) if raw.strip() else ""
+    except bounded_yaml.YAMLBombError as e:
+        raise ConfigError(f"--set {_shorten(assignment)!r}: refused: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {_shorten(assignment)!r}: value is not valid YAML: {e}") from None
     except (ValueError, RecursionError) as e:  # e.g. an integer of thousands of digits
@@ -709,10 +743,21 @@ def load_config(
             raise _unknown("profile", profile, cdir / "profiles", known_profiles(cdir))
         layers.append(load_yaml_layer(cdir / "profiles" / f"{profile}.yaml"))
     layers.extend(load_yaml_layer(Path(f)) for f in extra_files)
+    _check_set_conflicts(overrides)
     layers.extend(parse_set(s) for s in overrides)
     if model is not None:
         layers.append(_Layer({"model": {"name_or_path": model}}, {"model.name_or_path": f"--model {model}"}, user_set=True))
     return build_config(layers)
+
+
+def _check_set_conflicts(overrides) -> None:
+    """``--set ray=5 --set ray.num_workers=2``: one replaces the other whole; name both."""
+    keys = [(s.partition("=")[0].strip(), s) for s in overrides]
+    for i, (a, sa) in enumerate(keys):
+        for b, sb in keys[i + 1:]:
+            if a != b and (b.startswith(a + ".") or a.startswith(b + ".")):
+                raise ConfigError(f"--set {_shorten(sa)!r} and --set {_shorten(sb)!r} conflict: one sets a key inside "
+                                  "the other, so the later would silently replace the earlier; keep one")
 
 
 def resolve_path(path: str | os.PathLike) -> str:

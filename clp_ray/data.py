@@ -36,8 +36,9 @@ import torch
 
 from clp_ray.atomic import atomic_path
 from clp_ray.config import resolve_path
-from clp_ray.errors import DataError
+from clp_ray.errors import ConfigError, DataError
 from clp_ray.evaluation import RetrievalSet
+from clp_ray.unicode_text import is_valid_text
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,13 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
                 found = sorted(f for f in fs.find(p) if f.endswith(DATA_SUFFIXES))
                 if not found:
                     raise DataError(f"{raw}: folder has no *.jsonl or *.jsonl.gz files")
+                special = [f for f in found if "://" not in path and not Path(f).is_file()]
+                if special:
+                    raise DataError(f"{special[0]}: not a regular file (a FIFO or device would block or never end)")
                 out.extend(fs.unstrip_protocol(f) if "://" in path else f for f in found)
             elif fs.exists(p):
+                if "://" not in path and not Path(p).is_file():  # a FIFO or device would block or never end
+                    raise DataError(f"{raw}: not a regular file")
                 out.append(path)
             else:
                 raise DataError(f"{raw}: no such file or folder")
@@ -182,17 +188,9 @@ def _check_str_list(rec: dict, key: str, *, required: bool, nonempty: bool) -> O
             return key, f"item {i} must be a string, got {type(item).__name__}"
         if not item.strip():
             return key, f"item {i} is an empty string"
-        if not _encodable(item):
+        if not is_valid_text(item):
             return key, f"item {i} holds a lone surrogate (not valid Unicode text)"
     return None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _finite(v) -> bool:
@@ -226,7 +224,7 @@ def check_record(rec: Any, *, lam: float, group_size: int) -> Optional[tuple[str
         return "query", f"must be a string, got {type(q).__name__}"
     if not q.strip():
         return "query", "empty string"
-    if not _encodable(q):
+    if not is_valid_text(q):
         return "query", "holds a lone surrogate (not valid Unicode text)"
     for problem in (
         _check_str_list(rec, "pos", required=True, nonempty=True),
@@ -239,7 +237,21 @@ def check_record(rec: Any, *, lam: float, group_size: int) -> Optional[tuple[str
         return "neg_q", f"length {len(rec['neg_q'])} differs from neg length {len(rec['neg'])}"
     if "neg_q" not in rec and lam > 0:
         return "neg_q", f"missing while loss.lam = {lam} > 0 (set lam to 0 for plain contrastive data)"
-    return _check_scores(rec, "pos_scores", "pos") or _check_scores(rec, "neg_scores", "neg")
+    return _check_overlaps(rec) or _check_scores(rec, "pos_scores", "pos") or _check_scores(rec, "neg_scores", "neg")
+
+
+def _check_overlaps(rec: dict) -> Optional[tuple[str, str]]:
+    """A negative that is one of the record's positives (InfoNCE would push the positive away from
+    itself), or a ``neg_q`` that is the record's own query (the penalty would pull the negative
+    toward the very query it is a negative for). Texts compare without surrounding whitespace."""
+    positives = {p.strip(): i for i, p in enumerate(rec["pos"])}
+    for i, n in enumerate(rec["neg"]):
+        if n.strip() in positives:
+            return "neg", f"item {i} is the same text as pos item {positives[n.strip()]} (a positive cannot be its negative)"
+    for i, nq in enumerate(rec.get("neg_q", [])):
+        if nq.strip() == rec["query"].strip():
+            return "neg_q", f"item {i} is the record's own query (it must be the query that neg item {i} answers)"
+    return None
 
 
 def normalize_record(rec: dict) -> dict:
@@ -394,6 +406,11 @@ def validate(
     if on_duplicate not in DUPLICATE_POLICIES:
         raise ValueError(f"on_duplicate must be one of {DUPLICATE_POLICIES}, got {on_duplicate!r}")
     files = expand_paths(list(paths))
+    if rejects_path is not None:
+        from clp_ray.output_guard import check_outputs
+
+        check_outputs({"the rejects file": rejects_path},
+                      {**{f"data {p}": resolve_path(p) for p in paths}, **{f"data file {f}": f for f in files}})
     log.info("training data: %d file(s): %s", len(files), ", ".join(files))
     stats = _ScanStats()
     kw = {"lam": lam, "group_size": group_size, "max_line_bytes": max_line_bytes, "on_duplicate": on_duplicate}
@@ -682,6 +699,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ConfigError as e:  # an output that would overwrite an input
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(report.text(limit=None if args.all else MAX_LISTED))
     print(f"content hash: {report.content_hash}")
     return 0 if report.bad == 0 else 1

@@ -30,6 +30,7 @@ from clp_ray.config import resolve_path
 from clp_ray.errors import DataError
 from clp_ray.m3 import check_modes
 from clp_ray.m3_search import EVAL_MODES, ModeReps, exact_mode_search, merge_topk, mode_weights, modes_for, rerank_search
+from clp_ray.unicode_text import SURROGATE, is_valid_text
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _read_jsonl(path: Path, what: str, text_fields: tuple[str, ...]) -> dict[str
     an exact repeat adds nothing and is accepted.
     """
     if not path.is_file():
-        raise DataError(f"{path}: {what} file not found")
+        raise DataError(f"{path}: {what} file {'is not a regular file' if path.exists() else 'not found'}")
     rows: dict[str, str] = {}
     first_line: dict[str, int] = {}
     for n, line in _text_lines(path):
@@ -104,6 +105,9 @@ def _read_jsonl(path: Path, what: str, text_fields: tuple[str, ...]) -> dict[str
             if row.get(key) is not None and not isinstance(row[key], str):
                 raise DataError(f"{path}:{n}: {key}: expected a string, got {type(row[key]).__name__}")
         doc_id = str(row["_id"])
+        for key, value in (("_id", doc_id), *((k, row.get(k) or "") for k in text_fields)):
+            if not is_valid_text(value):
+                raise DataError(f"{path}:{n}: {key}: {SURROGATE}")
         text = " ".join(t for t in (row.get(key) or "" for key in text_fields) if t).strip()
         if doc_id in rows and rows[doc_id] != text:
             raise DataError(f"{path}:{n}: _id {doc_id!r} repeated with different text "
@@ -133,6 +137,10 @@ def load_beir(data_dir: str | os.PathLike, split: str = "test", *, miracl_root: 
     return load_beir_files(root / "corpus.jsonl", root / "queries.jsonl", qrels_file, name=f"{root.name}/{split}")
 
 
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _grade(text: str) -> Optional[int]:
     """An integer relevance grade (``2``, ``2.0``); None for a fractional one (``0.5``)."""
     text = text.strip()
@@ -150,7 +158,7 @@ def load_beir_files(corpus_file: str | os.PathLike, queries_file: str | os.PathL
     """BEIR-format files named one by one (``corpus.jsonl``, ``queries.jsonl``, a qrels TSV)."""
     corpus_file, queries_file, qrels_file = Path(corpus_file), Path(queries_file), Path(qrels_file)
     if not qrels_file.is_file():
-        raise DataError(f"{qrels_file}: qrels file not found")
+        raise DataError(f"{qrels_file}: qrels file {'is not a regular file' if qrels_file.exists() else 'not found'}")
     corpus = _read_jsonl(corpus_file, "corpus", ("title", "text"))
     all_queries = _read_jsonl(queries_file, "queries", ("text",))
     qrels: dict[str, dict[str, int]] = {}
@@ -177,6 +185,8 @@ def load_beir_files(corpus_file: str | os.PathLike, queries_file: str | os.PathL
             continue
         if score is None:  # truncating 0.5 to 0 would turn a graded judgement into "not relevant"
             raise DataError(f"{qrels_file}:{n}: relevance {rel.strip()!r} is not an integer grade")
+        if not -(2**31) <= score < 2**31:  # pytrec_eval keeps grades as C ints
+            raise DataError(f"{qrels_file}:{n}: relevance {_short(rel.strip())} does not fit a 32-bit integer grade")
         if qid not in all_queries:
             unknown_q.add(qid)
         elif did not in corpus:
@@ -202,6 +212,10 @@ def load_beir_files(corpus_file: str | os.PathLike, queries_file: str | os.PathL
     queries = {q: all_queries[q] for q in sorted(qrels)}
     if not queries:
         raise DataError(f"{qrels_file}: no queries to evaluate (empty qrels)")
+    unjudged = sum(1 for rels in qrels.values() if not any(r > 0 for r in rels.values()))
+    if unjudged:
+        log.warning("%s: %s of %d queries have no relevant document (every grade <= 0): they score 0 on every "
+                    "metric", qrels_file, "all" if unjudged == len(qrels) else unjudged, len(qrels))
     if not corpus:
         raise DataError(f"{corpus_file}: empty corpus")
     return RetrievalSet(corpus=corpus, queries=queries, qrels=qrels, name=name or qrels_file.stem)
@@ -294,6 +308,23 @@ def evaluate_config(embedder, data: RetrievalSet, e, **kwargs) -> EvalResult:
     """:func:`evaluate` with an :class:`~clp_ray.config.EvalConfig`'s settings (``eval.*``)."""
     return evaluate(embedder, data, batch_size=e.batch_size, chunk_size=e.chunk_size, top_k=e.top_k, mode=e.mode,
                     hybrid_weights=e.hybrid_weights.model_dump(), rerank_depth=e.rerank_depth, **kwargs)
+
+
+def evaluate_sets(embedder, sets: list[RetrievalSet], e, **kwargs) -> list[EvalResult]:
+    """:func:`evaluate_config` on each of ``sets``; sets over one corpus (the dev and test splits of
+    one evaluation set) share one corpus encoding and search, each scored on its own queries."""
+    if len(sets) < 2 or any(s.corpus != sets[0].corpus for s in sets[1:]):
+        return [evaluate_config(embedder, s, e, **kwargs) for s in sets]
+    queries = {f"{i}:{q}": t for i, s in enumerate(sets) for q, t in s.queries.items()}
+    qrels = {f"{i}:{q}": r for i, s in enumerate(sets) for q, r in s.qrels.items()}
+    both = evaluate_config(embedder, RetrievalSet(sets[0].corpus, queries, qrels, name="+".join(s.name for s in sets)),
+                           e, **kwargs)
+    out = []
+    for i, s in enumerate(sets):
+        run = {q: both.run[f"{i}:{q}"] for q in s.queries}
+        means, per_query = score_run(s.qrels, run)
+        out.append(EvalResult(means, per_query, run, num_queries=len(s.queries), num_docs=both.num_docs))
+    return out
 
 
 def model_eval_modes(embedder) -> list[str]:

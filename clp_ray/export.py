@@ -34,6 +34,7 @@ from clp_ray.m3 import lexical_weights, save_heads, sparse_vectors, unused_token
 from clp_ray.model_settings import META_FILE
 from clp_ray.modeling import Embedder
 from clp_ray.moe import token_mask
+from clp_ray.output_guard import MARKER, mark_output
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def export_sentence_transformers(embedder: Embedder, out: str | os.PathLike) -> 
         for f in (tmp / "model").iterdir():
             f.rename(tmp / f.name)
         (tmp / "model").rmdir()
+        mark_output(tmp, "export")  # a later export may replace this folder without --overwrite
     return ExportResult(str(out), "sentence-transformers", _files(out), diff, checker)
 
 
@@ -135,6 +137,7 @@ def export_onnx(embedder: Embedder, out: str | os.PathLike) -> ExportResult:
         diff = _max_diff(embedder, {k: _onnx_encoder(session, embedder, k) for k in ("query", "passage")})
         if embedder.heads is not None:
             diff = max(diff, _m3_diff(session, embedder))
+        mark_output(tmp, "export")
     return ExportResult(str(out), "onnx", _files(out), diff, f"onnxruntime {ort.__version__}")
 
 
@@ -191,4 +194,4 @@ def _max_diff(embedder: Embedder, encoders: dict) -> float:
 
 
 def _files(out: Path) -> list[str]:
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MARKER)

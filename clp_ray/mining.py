@@ -50,6 +50,7 @@ class MiningStats:
     neg_q_generated: int = 0
     negatives_dropped: int = 0  # no known query and no generator (or generation failed)
     candidates_guarded: int = 0  # skipped by the false-negative margin
+    candidates_same_text: int = 0  # skipped: the same text as a positive, under another corpus id
     generator_requests: int = 0
     generator_cache_hits: int = 0
     generator_failures: int = 0  # passages the generator wrote no query for
@@ -228,13 +229,21 @@ def mine(
         for d, r in rels.items():
             if r > 0 and q in queries:
                 relevant_to.setdefault(d, []).append(q)
+    ids_by_text: dict[str, list[str]] = {}
+    for d in doc_ids:
+        ids_by_text.setdefault(corpus[d].strip(), []).append(d)
     plan: list[_Planned] = []
     for row, qid in enumerate(qids):
         positives = {d: r for d, r in qrels.get(qid, {}).items() if r > 0 and d in doc_pos}
         if positives:
             pos_score = max(float(q_emb[row] @ d_emb[doc_pos[d]]) for d in positives)
             ranked = [doc_ids[j] for j in idx[row].tolist()]
-            plan.append(_plan_query(qid, scores[row].tolist(), ranked, positives, pos_score, queries, relevant_to, cfg, stats))
+            # A passage whose text is a positive's, under another id, is that positive: never a negative.
+            twins = {t for d in positives for t in ids_by_text[corpus[d].strip()]} - set(positives)
+            lo, hi = cfg.rank_window
+            stats.candidates_same_text += sum(d in twins for d in ranked[lo - 1:hi])
+            plan.append(_plan_query(qid, scores[row].tolist(), ranked, {**positives, **dict.fromkeys(twins, 1)},
+                                    pos_score, queries, relevant_to, cfg, stats))
     if cfg.generator.kind == "openai":
         _generate_missing(plan, corpus, cfg, stats, show_progress)
     return _records(plan, queries, corpus, qrels, doc_pos, stats), stats

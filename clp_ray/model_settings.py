@@ -22,13 +22,16 @@ layer, max pooling, lower-casing) is refused with the reason rather than embedde
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clp_ray.errors import ClpRayError
 
@@ -101,12 +104,46 @@ def folder_settings(folder: str | os.PathLike) -> dict[str, tuple[Any, str]]:
     return out
 
 
+class ModelMeta(BaseModel):
+    """What ``clp_ray.json`` may hold: the embedding settings, the MoE layout, ONNX's I/O names and
+    the bundled samples' language; unknown keys and wrong types are refused (a typo'd setting would
+    otherwise be ignored and the model embed differently)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    format: Optional[int] = Field(None, ge=1)
+    pooling: Optional[Literal["cls", "mean"]] = None
+    normalize: Optional[bool] = None
+    query_max_len: Optional[int] = Field(None, ge=1)
+    passage_max_len: Optional[int] = Field(None, ge=1)
+    query_prefix: Optional[str] = None
+    passage_prefix: Optional[str] = None
+    moe: Optional[dict[str, Any]] = None
+    onnx: Optional[dict[str, Any]] = None
+
+
 def read_meta(folder: str | os.PathLike) -> dict:
-    """A folder's ``clp_ray.json`` ({} when it has none)."""
+    """A folder's ``clp_ray.json`` ({} when it has none), validated (:class:`ModelMeta`)."""
     path = Path(folder) / META_FILE
     if not path.is_file():
         return {}
-    return _read_json(path)
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ClpRayError(f"{path}: must be a JSON object of model settings, got {type(data).__name__}")
+    try:
+        ModelMeta.model_validate(data)
+    except ValidationError as e:
+        raise ClpRayError(f"{path}: invalid model settings: " + "; ".join(_meta_error(err) for err in e.errors())) from None
+    return data
+
+
+def _meta_error(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, list(ModelMeta.model_fields), n=1, cutoff=0.6)
+        return f"{key}: unknown key" + (f" (did you mean {close[0]}?)" if close else
+                                        f"; known keys: {', '.join(ModelMeta.model_fields)}")
+    return f"{key}: {err['msg']} (got {err.get('input')!r:.80})"
 
 
 def _read_json(path: Path) -> Any:

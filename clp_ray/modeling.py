@@ -30,9 +30,11 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from clp_ray.atomic import atomic_path
 from clp_ray.errors import ClpRayError
 from clp_ray.m3 import Encoding, M3Heads, ModeOutput, check_modes, load_heads, save_heads, sparse_vectors, unused_token_ids
+from clp_ray.model_folder import check_max_lengths, check_model_folder
 from clp_ray.model_settings import KINDS, META_FILE, SETTING_KEYS, ST_FILES, EmbedSettings, read_meta, resolve
 from clp_ray.moe import MoESpec, apply_spec, moe_spec_of, token_mask, upcycle
 from clp_ray.st_files import write_sentence_transformers_files
+from clp_ray.unicode_text import SURROGATE, first_invalid
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,12 @@ class Embedder(nn.Module):
         ``overrides`` (any :class:`~clp_ray.model_settings.EmbedSettings` field) win over what the
         folder says, which wins over the defaults.
         """
+        if Path(name_or_path).is_dir():
+            check_model_folder(name_or_path)  # loads fully or not at all: tokenizer, config, weight shapes
         resolved = resolve(settings_folder(name_or_path), overrides)
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        tokenizer = load_tokenizer(str(name_or_path))
         encoder = load_encoder(str(name_or_path))
+        check_max_lengths(resolved.settings, resolved.sources, encoder.config, str(name_or_path))
         heads = load_heads(name_or_path, int(encoder.config.hidden_size))
         emb = cls(encoder, tokenizer, **resolved.settings.to_dict(), heads=heads)
         emb.settings_sources = resolved.sources
@@ -205,6 +210,9 @@ class Embedder(nn.Module):
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a list of strings")
+        bad = first_invalid(texts)
+        if bad is not None:
+            raise ValueError(f"encode expects text: item {bad} {SURROGATE}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         modes = check_modes([output] if isinstance(output, str) else output, self.heads is not None)
@@ -244,6 +252,13 @@ def settings_folder(name_or_path: str | os.PathLike) -> Optional[Path]:
     except Exception as e:  # offline, unknown repo, auth: transformers' own load reports the real problem
         log.debug("no settings files for %s: %s", name_or_path, e)
         return None
+
+
+def load_tokenizer(source: str):
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # a broken tokenizer file, an unknown class
+        raise ClpRayError(f"{source}: cannot load its tokenizer: {str(e).strip().splitlines()[0][:300]}") from None
 
 
 def load_encoder(source: str) -> nn.Module:

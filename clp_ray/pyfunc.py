@@ -15,6 +15,8 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from clp_ray.unicode_text import SURROGATE, first_invalid
+
 PREDICT_BATCH_SIZE = 32  # texts per forward pass unless predict gets params={"batch_size": N}
 # What the texts are unless predict gets params={"kind": "passage"}: it picks the model's prefix
 # (E5's "query: " / "passage: ") and max length. Queries are what a serving endpoint embeds most.
@@ -96,6 +98,9 @@ def _as_text_list(model_input) -> list[str]:
         raise BadInput(f"predict expects a list of strings; item {bad[0]} is {type(model_input[bad[0]]).__name__}")
     if not model_input:
         raise BadInput("predict expects a non-empty list of strings, got an empty list")
+    bad = first_invalid(model_input)
+    if bad is not None:
+        raise BadInput(f"predict expects text; item {bad} {SURROGATE}")
     if len(model_input) > MAX_PREDICT_TEXTS:
         raise BadInput(f"predict embeds at most {MAX_PREDICT_TEXTS} texts per call, got {len(model_input)}: "
                        "split the request")

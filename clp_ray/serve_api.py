@@ -16,6 +16,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from clp_ray.unicode_text import SURROGATE, first_invalid
+
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -83,4 +85,8 @@ def parse_request(raw: bytes, max_inputs: int) -> EmbeddingRequest:
         raise ApiError(400, f"input: at most {max_inputs} texts per request, got {len(texts)}", param="input")
     if any(not t for t in texts):
         raise ApiError(400, "input: texts must not be empty strings", param="input")
+    bad = first_invalid(texts)
+    if bad is not None:
+        where = "input" if isinstance(req.input, str) else f"input[{bad}]"
+        raise ApiError(400, f"{where}: {SURROGATE}", param=where)
     return req

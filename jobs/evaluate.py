@@ -29,19 +29,22 @@ def main(args) -> dict:
     from clp_ray.errors import ClpRayError
     from clp_ray.evaluation import compare, evaluate_modes, format_metrics, load_beir, model_eval_modes, write_trec_run
     from clp_ray.model_refs import load_model_ref
+    from clp_ray.output_guard import beir_inputs, check_outputs, model_inputs
     from clp_ray.tracking import tracking_uri
 
     cfg = config_from_args(args)
-    if args.run_file:
-        check_writable(args.run_file, "--run-file")
     data_dir = args.data or cfg.eval.data_dir
     if not data_dir:
         raise ClpRayError("no evaluation data: pass --data DIR or set eval.data_dir")
     split = args.split or cfg.eval.test_split
+    models = args.compare or [args.model or cfg.model.name_or_path]
+    check_outputs({"--run-file": args.run_file, "--summary": args.summary},
+                  {**beir_inputs(data_dir, split), **model_inputs(*models)})
+    if args.run_file:
+        check_writable(args.run_file, "--run-file")
     data = load_beir(data_dir, split, miracl_root=cfg.eval.miracl_root)
     log.info("evaluation set %s: %d queries, %d documents (hash %s)", data.name, len(data.queries), len(data.corpus),
              data.content_hash())
-    models = args.compare or [args.model or cfg.model.name_or_path]
     if args.mode == "all" and args.compare:
         raise ClpRayError("--compare compares one mode: pass --mode dense|sparse|colbert|hybrid")
     results, settings, by_mode = {}, {}, {}

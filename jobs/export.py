@@ -27,11 +27,14 @@ def main(args) -> dict:
     from clp_ray.errors import ClpRayError
     from clp_ray.export import export_model
     from clp_ray.model_refs import load_model_ref
+    from clp_ray.output_guard import check_outputs, model_inputs
     from clp_ray.tracking import tracking_uri
 
     out = Path(args.out).absolute()
     if out.exists() and not out.is_dir():
         raise ClpRayError(f"--out: {args.out} is a file, not a folder")
+    check_outputs({"--out": args.out, "--summary": args.summary}, model_inputs(args.model), folders=["--out"],
+                  job="export", overwrite=args.overwrite)
     check_writable(out.parent, "--out", folder=True)  # the folder itself appears only once the export passed
     cfg = config_from_args(args)
     model_cfg = config_from_args(args, model=args.model).model
@@ -48,6 +51,8 @@ def parser():
     ap.add_argument("--model", required=True, help="hub id, local folder, 'tiny' or models:/<name>@<alias>")
     ap.add_argument("--out", required=True, help="folder to write (replaced atomically)")
     ap.add_argument("--format", choices=FORMATS, default="sentence-transformers")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out even when it is a non-empty folder that export did not write")
     return ap
 
 

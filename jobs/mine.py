@@ -28,11 +28,15 @@ def main(args) -> dict:
     from clp_ray.evaluation import load_beir, load_beir_files
     from clp_ray.mining import encode_with_ray_data, mine, search_with_ray_data, write_records
     from clp_ray.model_refs import load_model_ref, resolve_source
+    from clp_ray.output_guard import beir_inputs, check_outputs, model_inputs
     from clp_ray.tracking import tracking_uri
     from clp_ray.train import ensure_ray
 
     # A model named with --model gets its own folder's settings; only --set values overrule them.
     cfg = config_from_args(args, model=args.model)
+    inputs = {"--corpus": args.corpus, "--queries": args.queries, "--qrels": args.qrels,
+              **beir_inputs(args.data, args.split), **model_inputs(args.model)}
+    check_outputs({"--out": args.out, "--summary": args.summary}, inputs)
     check_writable(args.out, "--out")
     m = cfg.mining
     if args.data:

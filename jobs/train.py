@@ -28,7 +28,8 @@ def main(args) -> dict:
     m = result.metrics
     dev = {k: v for k, v in m.items() if k.startswith("dev_") and not k.endswith("_init")}
     init = {k.removesuffix("_init"): v for k, v in m.items() if k.startswith("dev_") and k.endswith("_init")}
-    print(f"\nrun {result.name}: {int(m.get('step', 0))} optimizer steps; dev metrics in {cfg.eval.mode} mode")
+    print(f"\nrun {result.name}: {int(m.get('step', 0))} optimizer steps; dev metrics in {cfg.eval.mode} mode"
+          + (f" on {result.dev_set.describe()}" if result.dev_set else ""))
     for k, v in dev.items():
         before = init.get(k)
         print(f"  {k:<16} {v:.4f}" + (f"   (untrained {before:.4f})" if before is not None else ""))
@@ -38,7 +39,8 @@ def main(args) -> dict:
     print(f"MLflow run: {result.mlflow_run_id}")
     return {"run_name": result.name, "run_dir": result.run_dir, "checkpoint": result.checkpoint_path,
             "model_path": result.model_path, "local_model_path": result.local_model_path, "metrics": m,
-            "mlflow_run_id": result.mlflow_run_id, "data_files": result.data_files, "eval_mode": cfg.eval.mode}
+            "mlflow_run_id": result.mlflow_run_id, "data_files": result.data_files, "eval_mode": cfg.eval.mode,
+            "dev_set": result.dev_set.to_dict() if result.dev_set else None}
 
 
 def parser():

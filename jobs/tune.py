@@ -33,7 +33,9 @@ def main(args) -> dict:
           f"{counts['errored']} errored)")
     print(f"best trial {out.best.trial_id}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in out.best.params.items()))
-    print(f"  dev nDCG@10 {out.best.dev_metric:.4f}")
+    dev = out.dev_set
+    print(f"  dev nDCG@10 {out.best.dev_metric:.4f} (base model {out.base_dev_metrics.get('ndcg@10', float('nan')):.4f})"
+          + (f" on {dev.describe()}" if dev else ""))
     print(f"  {'test':<12}" + "  ".join(f"{k:>10}" for k in out.test_metrics))
     print(f"  {'base model':<12}" + "  ".join(f"{out.base_test_metrics[k]:>10.4f}" for k in out.test_metrics))
     print(f"  {'best trial':<12}" + "  ".join(f"{v:>10.4f}" for v in out.test_metrics.values()))
@@ -50,6 +52,7 @@ def main(args) -> dict:
                     "params": t.params} for t in out.trials],
         "best": {"trial_id": out.best.trial_id, "params": out.best.params, "dev_ndcg@10": out.best.dev_metric,
                  "model_path": out.best.model_path, "moe_layers": out.best_config.moe.layers},
+        "dev_set": dev.to_dict() if dev else None, "base_dev_metrics": out.base_dev_metrics,
         "test_metrics": out.test_metrics,
         "base_test_metrics": out.base_test_metrics, "p_value_vs_base": out.p_value_vs_base, "data_files": out.data_files,
         "registered_model": out.registered_name, "version": out.version,

@@ -60,7 +60,7 @@ def test_paired_test_and_seed_average_against_scipy():
 def test_default_arms_are_the_papers_four():
     from clp_ray.ablation.arms import resolve_arms
 
-    cfg = load_config("hi", "local")
+    cfg = load_config("ko", "local")
     arms = {a.name: a for a in resolve_arms(cfg)}
     assert list(arms) == ["base", "cl", "clp", "clp_moe"] and cfg.ablation.baseline_arm == "cl"
     assert not arms["base"].train and all(arms[n].train for n in ("cl", "clp", "clp_moe"))
@@ -79,7 +79,7 @@ def test_default_arms_are_the_papers_four():
 def test_bad_arm_overrides_fail_with_the_key_path(arms, expected):
     from clp_ray.ablation.arms import resolve_arms
 
-    cfg = load_config("hi", "tiny", [f"ablation.arms={arms}", "ablation.baseline_arm=cl"])
+    cfg = load_config("ko", "tiny", [f"ablation.arms={arms}", "ablation.baseline_arm=cl"])
     with pytest.raises(ConfigError) as e:
         resolve_arms(cfg)
     assert expected in str(e.value) and "--set ablation.arms=" in str(e.value)
@@ -95,7 +95,7 @@ def test_bad_arm_overrides_fail_with_the_key_path(arms, expected):
      "loss.lamm: unknown key (did you mean lam?)"),
 ])
 def test_bad_arms_exit_2_before_any_training(tmp_path, sets, expected):
-    p = run_in_process("ablate.py", "--lang", "hi", "--profile", "tiny", "--set", f"train.output_dir={tmp_path}",
+    p = run_in_process("ablate.py", "--lang", "ko", "--profile", "tiny", "--set", f"train.output_dir={tmp_path}",
                        *[a for s in sets for a in ("--set", s)])
     assert p.returncode == 2, p.stderr[-2000:]
     assert expected in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
@@ -131,7 +131,7 @@ def test_ablation_end_to_end_numbers_and_resume(tmp_path, small_data):
     sets = [f"data.train_paths=[{small_data}]", "data.train_group_size=2", "train.per_device_batch_size=4",
             "train.max_steps=3", "train.epochs=1", f"train.output_dir={tmp_path / 'out'}", ARMS,
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "ablation.seeds=2", "ray.num_cpus=5"]
-    cfg = load_config("hi", "tiny", sets)
+    cfg = load_config("ko", "tiny", sets)
     ensure_ray(cfg)
     try:
         out = run_ablation_job(cfg)
@@ -185,7 +185,7 @@ def test_ablation_end_to_end_numbers_and_resume(tmp_path, small_data):
     # The same command again, from the CLI: nothing trains, Ray never starts (run_in_process asserts
     # it), the same numbers come back.
     summary = tmp_path / "summary.json"
-    p = run_in_process("ablate.py", "--lang", "hi", "--profile", "tiny", "--summary", str(summary),
+    p = run_in_process("ablate.py", "--lang", "ko", "--profile", "tiny", "--summary", str(summary),
                        *[a for x in sets for a in ("--set", x)])
     assert p.returncode == 0, p.stderr[-3000:]
     again = json.loads(summary.read_text())
@@ -199,13 +199,13 @@ def test_no_trained_arm_and_a_repeated_metric_fail_before_any_work(tmp_path):
 
     from clp_ray.ablation import run_ablation_job
 
-    cfg = load_config("hi", "tiny", ["ablation.arms=[{name: base, train: false}]", "ablation.baseline_arm=base",
+    cfg = load_config("ko", "tiny", ["ablation.arms=[{name: base, train: false}]", "ablation.baseline_arm=base",
                                      f"train.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"--set ablation.arms=.*: ablation.arms: no arm trains"):
         run_ablation_job(cfg)
     assert not ray.is_initialized() and not any(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="ablation.metrics lists a metric twice"):
-        load_config("hi", "tiny", ["ablation.metrics=[ndcg@10, ndcg@10]"])
+        load_config("ko", "tiny", ["ablation.metrics=[ndcg@10, ndcg@10]"])
 
 
 @pytest.mark.parametrize("raised, status", [(None, "FINISHED"), (KeyboardInterrupt, "KILLED"), (ValueError, "FAILED")])

@@ -76,7 +76,7 @@ def test_gpu_node_type_launches_from_zero_runs_training_and_is_released(env, sma
         # the worker node type has.
         summary = tmp_path / "summary.json"
         run = subprocess.run(
-            [sys.executable, "jobs/train.py", "--lang", "hi", "--profile", "tiny", "--summary", str(summary),
+            [sys.executable, "jobs/train.py", "--lang", "ko", "--profile", "tiny", "--summary", str(summary),
              "--set", f"data.train_paths=[{small_data}]", "--set", "data.train_group_size=2",
              "--set", "data.dev_fraction=0.2", "--set", "train.per_device_batch_size=4", "--set", "train.max_steps=2",
              "--set", "train.eval_every_steps=2", "--set", f"train.output_dir={tmp_path / 'out'}",

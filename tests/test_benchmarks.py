@@ -243,3 +243,25 @@ def test_grad_cache_memory_benchmark_runs_both_modes_per_batch(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grad_cache_memory.py"), "--group", "1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--group must be >= 2" in bad.stderr
+
+
+def test_dev_selection_scores_each_set_as_if_evaluated_alone(tmp_path, tiny_path):
+    """The benchmark's two dev sets are the old records-only one and the full-corpus one, and its
+    shared-corpus scoring equals evaluating the dev and test sets one by one."""
+    from clp_ray.evaluation import evaluate_config
+
+    spec = importlib.util.spec_from_file_location("dev_selection", ROOT / "benchmarks" / "dev_selection.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.sweep_config("tiny", 6, 1, tmp_path)
+    old, full, test = bench.dev_sets(cfg)
+    assert len(old.queries) == 38 and len(old.corpus) < 200  # the held-out records over their own passages
+    assert full.info.source == "qrels" and full.info.corpus_size == len(test.corpus) == 1519 and full.info.queries == 920
+    got = bench.score(str(tiny_path), old, full, test, cfg.eval)
+    from clp_ray.modeling import Embedder
+
+    emb = Embedder.from_pretrained(tiny_path)
+    alone = {"records": old, "full_corpus": full.retrieval, "test": test}
+    for name, data in alone.items():
+        assert got[name] == pytest.approx(evaluate_config(emb, data, cfg.eval).metrics["ndcg@10"], abs=1e-9), name
+    assert bench.spearman([1, 2, 3, 4], [10, 20, 40, 30])["rho"] == pytest.approx(0.8)

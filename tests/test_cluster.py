@@ -1,4 +1,5 @@
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,11 +116,76 @@ def test_the_prepared_config_is_checked_as_ray_will_run_it(cluster, mutate, expe
     assert any(expected in p for p in problems), problems
 
 
-def test_closed_splits_of_the_internet_and_private_ranges_pass(cluster):
+def test_private_ranges_and_small_public_networks_pass(cluster):
     ok = copy.deepcopy(cluster)
-    ok["provider"]["security_group"]["IpPermissions"] += [_rule(8265, 8265, "10.0.0.0/8", "192.168.0.0/16"),
-                                                          _rule(8265, 8265, "0.0.0.0/1")]  # half of it only
+    ok["provider"]["security_group"]["IpPermissions"] += [
+        _rule(8265, 8265, "10.0.0.0/8", "192.168.0.0/16", "172.16.0.0/12", "100.64.0.0/10"),
+        _rule(6379, 6379, "8.0.0.0/9"),  # 8.4M public addresses: under a /8's worth
+        _rule(10001, 10001, "2001:db8::/16", v6=True)]
     assert check(ok) == []
+    # The limit is configurable: a /9 is too much under a /16 limit.
+    assert any("open port 6379 (GCS) to 8,388,608 public IPv4 addresses (more than a /16's worth)" in p
+               for p in check(ok, max_open_prefix=16))
+
+
+def _everything_but(addr: str) -> list[str]:
+    """0.0.0.0/0 minus one address, as the 32 CIDRs that cover the rest."""
+    import ipaddress
+
+    return [str(n) for n in ipaddress.ip_network("0.0.0.0/0").address_exclude(ipaddress.ip_network(f"{addr}/32"))]
+
+
+@pytest.mark.parametrize("rule,expected", [
+    # Half the internet, on every port.
+    ({"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/1"}]}, "open port 8265 (dashboard / job API) to 2,092,957,696"),
+    # Everything but one address: one rule of 32 CIDRs, never adding up to /0.
+    (_rule(8265, 8265, *_everything_but("8.8.8.8")), "open port 8265 (dashboard / job API) to 3,702,258,687 public"),
+    # A /7 of public space, split into two /8s.
+    (_rule(10001, 10001, "11.0.0.0/8", "12.0.0.0/8"), "open port 10001 (Ray client) to 33,554,432 public"),
+    (_rule(8000, 8000, "2000::/4", v6=True), "open port 8000 (Ray Serve HTTP, unauthenticated) to"),
+])
+def test_ingress_is_open_when_its_union_reaches_too_many_public_addresses(cluster, rule, expected):
+    bad = copy.deepcopy(cluster)
+    bad["provider"]["security_group"]["IpPermissions"].append(rule)
+    assert any(expected in p for p in check(bad)), check(bad)
+
+
+@pytest.mark.parametrize("head", [
+    "--dashboard-host=0", "--dashboard-host=::0", "--dashboard-host=[::]", "--dashboard-host 0x0",
+    "--dashboard-host=0.0", "--dashboard-host=::ffff:0.0.0.0", "--dashboard-host=0000:0::0", "--dashboard-host=",
+    "--dashboard-host=$DASH", "--dashboard-host=${DASH:-127.0.0.1}", "--dashboard-host=`hostname -I`",
+    "--dashboard-host=head.example.com", "--dashboard-host=8.8.8.8",
+])
+def test_dashboard_hosts_are_read_as_addresses_and_refused_unless_proven_private(cluster, head):
+    bad = copy.deepcopy(cluster)
+    bad["head_start_ray_commands"] = ["export DASH=0.0.0.0; " + HEAD_OK.replace("--dashboard-host=127.0.0.1", head)]
+    assert any("dashboard bound to" in p for p in check(bad)), check(bad)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "localhost", "::1", "[::1]", "10.0.0.5", "192.168.1.2"])
+def test_loopback_and_private_dashboard_hosts_pass(cluster, host):
+    ok = copy.deepcopy(cluster)
+    ok["head_start_ray_commands"] = [HEAD_OK.replace("127.0.0.1", host)]
+    assert check(ok) == []
+
+
+def test_cli_help_bombs_and_special_files(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "clp_ray.cluster", *args], capture_output=True, text=True, timeout=60)
+
+    p = run("--help")
+    assert p.returncode == 0 and "--max-open-prefix" in p.stdout
+    p = run("--max-open-prefix", "40", str(ROOT / "cluster.yaml"))
+    assert p.returncode == 2 and "not a prefix length from 0 to 32" in p.stderr
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{k}: &{k} [{', '.join(['*' + prev] * 10)}]\n" for prev, k in zip("abcdefgh", "bcdefghi")))
+    p = run(str(bomb))
+    assert p.returncode == 2 and "expand to more than 100,000 nodes" in p.stderr and "Traceback" not in p.stderr
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    p = run(str(fifo))  # would block forever in open() without the check
+    assert p.returncode == 2 and "not a regular file" in p.stderr
 
 
 def test_bad_yaml_and_bad_types_exit_with_a_message(tmp_path):

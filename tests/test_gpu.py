@@ -236,7 +236,7 @@ def test_deepspeed_bf16_engine_trains_only_moe_and_saves_it_on_gpu(stage, nccl_g
     from clp_ray.train import build_engine, deepspeed_config, save_final_model
     from clp_ray.train.engine import to_device
 
-    cfg = load_config("hi", "tiny", [
+    cfg = load_config("ko", "tiny", [
         f"deepspeed.stage={stage}", "train.precision=bf16", "ray.use_gpu=true", "ray.gpus_per_worker=1",
         "moe.num_experts=4", "moe.train_only=moe", "loss.lam=0.1", "train.learning_rate=1e-2", "train.warmup_ratio=0",
         "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}"])

@@ -51,14 +51,14 @@ def test_ray_job_submit_tune_succeeds_and_bad_language_fails(local_head, env, sm
     sets = [f"data.train_paths=[{small_data}]", "data.train_group_size=2", "data.dev_fraction=0.2",
             "train.per_device_batch_size=4", "train.epochs=1", f"train.output_dir={tmp_path / 'out'}",
             f"tracking.tracking_uri=sqlite:///{db}", "search.num_samples=1", "search.max_concurrent_trials=1"]
-    args = ["jobs/tune.py", "--lang", "hi", "--profile", "tiny"]
+    args = ["jobs/tune.py", "--lang", "ko", "--profile", "tiny"]
     for s in sets:
         args += ["--set", s]
     ok = submit(local_head, env, *args)
     out = ok.stdout + ok.stderr
     assert ok.returncode == 0 and re.search(r"Job '.*' succeeded", out), out[-4000:]
-    assert "registered clp-ray-hi version 1" in out
-    assert str(MlflowClient(f"sqlite:///{db}").get_model_version_by_alias("clp-ray-hi", "champion").version) == "1"
+    assert "registered clp-ray-ko version 1" in out
+    assert str(MlflowClient(f"sqlite:///{db}").get_model_version_by_alias("clp-ray-ko", "champion").version) == "1"
 
     bad = submit(local_head, env, "jobs/tune.py", "--lang", "xx", "--profile", "tiny")
     out = bad.stdout + bad.stderr

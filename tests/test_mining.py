@@ -200,7 +200,7 @@ def test_mine_job_output_validates_and_trains(tmp_path):
     rows = (assets / "qrels" / "dev.tsv").read_text().splitlines() + (assets / "qrels" / "test.tsv").read_text().splitlines()[1:]
     qrels.write_text("\n".join(rows) + "\n")
     out, summary = tmp_path / "mined.jsonl", tmp_path / "s.json"
-    mine = ["--lang", "hi", "--profile", "tiny", "--model", "tiny", "--corpus", str(assets / "corpus.jsonl"),
+    mine = ["--lang", "ko", "--profile", "tiny", "--model", "tiny", "--corpus", str(assets / "corpus.jsonl"),
             "--queries", str(assets / "queries.jsonl"), "--qrels", str(qrels),
             "--set", "mining.margin_mode=absolute", "--set", "mining.margin=0"]
     p = run_in_process("mine.py", *mine, "--out", str(out), "--summary", str(summary))
@@ -211,12 +211,12 @@ def test_mine_job_output_validates_and_trains(tmp_path):
     assert report.bad == 0 and report.good == s["written"]
     # The jobs as on a cluster (Ray up first; in this process to spare two interpreter and Ray starts):
     # the same mining with encoding and search as Ray Data batch jobs, then training on its output.
-    ensure_ray(load_config("hi", "tiny", ["ray.num_cpus=4"]))
+    ensure_ray(load_config("ko", "tiny", ["ray.num_cpus=4"]))
     try:
         p = run_in_process("mine.py", *mine, "--out", str(tmp_path / "ray.jsonl"), "--summary", str(tmp_path / "r.json"),
                            "--set", "mining.engine=ray")
         assert p.returncode == 0, p.stderr[-3000:]
-        t = run_in_process("train.py", "--lang", "hi", "--profile", "tiny", "--set", f"data.train_paths=[{out}]",
+        t = run_in_process("train.py", "--lang", "ko", "--profile", "tiny", "--set", f"data.train_paths=[{out}]",
                            "--set", "data.train_group_size=2", "--set", "train.max_steps=2",
                            "--set", f"train.output_dir={tmp_path / 'o'}",
                            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
@@ -251,7 +251,7 @@ def test_ray_data_encoding_and_search_match_local(tiny_path, tmp_path):
     # The actors load what the driver means, not what their own defaults or working folder say:
     # "tiny" with the driver's sizes, and models:/ from the driver's MLflow store (no
     # $MLFLOW_TRACKING_URI here; the workers run in another folder).
-    cfg = load_config("hi", "tiny", ["model.tiny.seed=7", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    cfg = load_config("ko", "tiny", ["model.tiny.seed=7", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     seeded = Embedder.from_pretrained(tiny_model_path(cfg.model.tiny))
     tracker = start_run(cfg, "sweep")
     try:
@@ -265,7 +265,7 @@ def test_ray_data_encoding_and_search_match_local(tiny_path, tmp_path):
     assert "MLFLOW_TRACKING_URI" not in os.environ
     few = texts[:48]
     local_seeded = seeded.encode(few, batch_size=16, max_length=128)
-    ensure_ray(load_config("hi", "tiny"))
+    ensure_ray(load_config("ko", "tiny"))
     try:
         distributed = encode_with_ray_data("tiny", texts, kind="passage", batch_size=32, concurrency=2)
         s_ray, i_ray = search_with_ray_data(local[:40], local, 10, chunk_size=64, batch_size=16, concurrency=2)
@@ -288,9 +288,9 @@ def test_mine_job_inputs_and_errors(tmp_path):
         import os
 
         if env is None:  # in this process: no Ray, and no environment read at import time
-            return run_in_process("mine.py", "--lang", "hi", "--profile", "tiny", "--model", "tiny",
+            return run_in_process("mine.py", "--lang", "ko", "--profile", "tiny", "--model", "tiny",
                                   "--out", str(tmp_path / "o.jsonl"), *args)
-        return subprocess.run([sys.executable, "jobs/mine.py", "--lang", "hi", "--profile", "tiny", "--model", "tiny",
+        return subprocess.run([sys.executable, "jobs/mine.py", "--lang", "ko", "--profile", "tiny", "--model", "tiny",
                                "--out", str(tmp_path / "o.jsonl"), *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=300, env={**os.environ, **(env or {})})
 

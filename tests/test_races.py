@@ -84,7 +84,7 @@ def test_a_second_identical_run_is_refused_while_the_first_runs(tmp_path, small_
     from clp_ray.locks import exclusive
     from clp_ray.train import prepare, run_lock, run_training
 
-    cfg = load_config("hi", "tiny", [f"data.train_paths=[{small_data}]", "data.train_group_size=2",
+    cfg = load_config("ko", "tiny", [f"data.train_paths=[{small_data}]", "data.train_group_size=2",
                                      f"train.output_dir={tmp_path / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
     prep = prepare(cfg)
     with run_lock(cfg, prep.name):  # the first command, still running
@@ -102,12 +102,12 @@ def test_run_names_follow_the_data(tmp_path, small_data):
     sets = ["data.train_group_size=2", f"train.output_dir={tmp_path / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
     data = tmp_path / "train.jsonl"
     data.write_bytes(small_data.read_bytes())
-    cfg = load_config("hi", "tiny", [f"data.train_paths=[{data}]", *sets])
+    cfg = load_config("ko", "tiny", [f"data.train_paths=[{data}]", *sets])
     first = prepare(cfg)
     assert prepare(cfg).name == first.name  # the same command on the same data resumes
     data.write_bytes(small_data.read_bytes().split(b"\n", 1)[1])  # one record fewer: another run
     second = prepare(cfg)
-    assert second.name != first.name and second.name.startswith("train-hi-")
+    assert second.name != first.name and second.name.startswith("train-ko-")
     assert sweep_name(cfg, second.data_hash) != sweep_name(cfg, first.data_hash)
 
 
@@ -118,7 +118,7 @@ def test_the_refusal_comes_before_any_cluster_work(tmp_path, small_data):
     from clp_ray.errors import ClpRayError
     from clp_ray.train import prepare, run_lock, run_training
 
-    cfg = load_config("hi", "tiny", [f"data.train_paths=[{small_data}]", "data.train_group_size=2",
+    cfg = load_config("ko", "tiny", [f"data.train_paths=[{small_data}]", "data.train_group_size=2",
                                      f"train.output_dir={tmp_path / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
     with run_lock(cfg, prepare(cfg).name), pytest.raises(ClpRayError, match="is already running"):
         run_training(cfg)

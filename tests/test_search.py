@@ -156,9 +156,31 @@ def test_base_model_test_result_is_cached_per_model_and_set(tmp_path, monkeypatc
     def no_evaluation(*a, **k):
         raise AssertionError("evaluated again")
 
-    monkeypatch.setattr(clp_ray.tune.job, "evaluate_config", no_evaluation)
+    monkeypatch.setattr(clp_ray.tune.job, "evaluate_sets", no_evaluation)
     again = base_model_test(cfg, data)
     assert again.metrics == first.metrics and again.per_query == first.per_query
     other = RetrievalSet(corpus=data.corpus, queries={"q1": "보호"}, qrels={"q1": {"d1": 1}}, name="toy")
     with pytest.raises(AssertionError, match="evaluated again"):
         base_model_test(cfg, other)  # another evaluation set: another entry
+
+
+def test_sets_over_one_corpus_are_scored_from_one_encoding_as_if_alone(tiny_embedder, monkeypatch):
+    import clp_ray.evaluation as ev
+
+    corpus = {"d1": "셀 보호", "d2": "행 삽입", "d3": "차트", "d4": "피벗 표"}
+    test = ev.RetrievalSet(corpus, {"q1": "보호", "q2": "삽입"}, {"q1": {"d1": 1}, "q2": {"d2": 1, "d4": 2}}, name="test")
+    dev = ev.RetrievalSet(dict(corpus), {"q1": "차트 만들기", "q3": "표"}, {"q1": {"d3": 1}, "q3": {"d4": 1}}, name="dev")
+    e = load_config("ko", "tiny").eval
+    alone = [ev.evaluate_config(tiny_embedder, s, e) for s in (test, dev)]
+    calls = []
+    real = ev.evaluate_config
+    monkeypatch.setattr(ev, "evaluate_config", lambda emb, data, cfg, **kw: calls.append(data.name) or real(emb, data, cfg, **kw))
+    together = ev.evaluate_sets(tiny_embedder, [test, dev], e)
+    assert calls == ["test+dev"]  # one encoding of the corpus; the same query id in both sets kept apart
+    for a, b in zip(alone, together):
+        assert b.metrics == pytest.approx(a.metrics, abs=1e-6) and set(b.run) == set(a.run)
+        assert {q: pytest.approx(v, abs=1e-6) for q, v in b.per_query["ndcg@10"].items()} == a.per_query["ndcg@10"]
+    other = ev.RetrievalSet({"d1": "셀 보호"}, {"q1": "보호"}, {"q1": {"d1": 1}}, name="other")
+    calls.clear()
+    ev.evaluate_sets(tiny_embedder, [test, other], e)
+    assert calls == ["test", "other"]  # different corpora: one by one

@@ -23,13 +23,13 @@ def ray_local():
 
     from clp_ray.train import ensure_ray
 
-    ensure_ray(load_config("hi", "tiny", ["ray.num_cpus=4"]))
+    ensure_ray(load_config("ko", "tiny", ["ray.num_cpus=4"]))
     yield
     ray.shutdown()
 
 
 def make_cfg(tmp_path, data, *sets):
-    return load_config("hi", "tiny", [
+    return load_config("ko", "tiny", [
         f"data.train_paths=[{data}]", "data.train_group_size=2", "data.dev_fraction=0.2",
         "train.per_device_batch_size=4", "train.learning_rate=0.01", "train.warmup_ratio=0",
         "train.log_every_steps=1", f"train.output_dir={tmp_path / 'out'}",
@@ -43,17 +43,25 @@ def initial_embedder(cfg):
     return load_embedder(cfg.model, cfg.moe)
 
 
-def dev_metrics_of(model_path, cfg):
-    """Re-evaluate a saved model on the exact dev split the trainer used."""
-    from clp_ray.data import dev_retrieval_set, load_records, split_train_dev, validate
-    from clp_ray.evaluation import evaluate
-    from clp_ray.modeling import Embedder
+def dev_set_of(cfg):
+    """The dev set the trainer is given (the bundled sample's dev queries over its full corpus)."""
+    from clp_ray.data import load_records, validate
+    from clp_ray.dev_set import build_dev_set, training_split
 
     report = validate(cfg.data.train_paths, lam=cfg.loss.lam, group_size=cfg.data.train_group_size)
     ds = load_records(report, lam=cfg.loss.lam, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
-    _, dev = split_train_dev(ds, cfg.data.dev_fraction, cfg.data.seed)
+    return build_dev_set(cfg, *training_split(ds, cfg))
+
+
+def dev_metrics_of(model_path, cfg):
+    """Re-evaluate a saved model on the exact dev set the trainer used."""
+    from clp_ray.evaluation import evaluate
+    from clp_ray.modeling import Embedder
+
+    dev = dev_set_of(cfg)
+    assert dev.info.source == "qrels" and dev.info.corpus_size == 1519  # the full corpus, not the records' passages
     emb = Embedder.from_pretrained(model_path)
-    res = evaluate(emb, dev_retrieval_set(dev), batch_size=cfg.eval.batch_size, chunk_size=cfg.eval.chunk_size, top_k=cfg.eval.top_k)
+    res = evaluate(emb, dev.retrieval, batch_size=cfg.eval.batch_size, chunk_size=cfg.eval.chunk_size, top_k=cfg.eval.top_k)
     return emb, res.metrics
 
 
@@ -63,17 +71,17 @@ def test_zero_stage_trains_moe_only(stage, tmp_path, small_data, ray_local):
 
     from clp_ray.train import run_training
 
-    cfg = make_cfg(tmp_path, small_data, f"deepspeed.stage={stage}", "train.epochs=4", "train.eval_every_steps=10",
+    cfg = make_cfg(tmp_path, small_data, f"deepspeed.stage={stage}", "train.epochs=6", "train.eval_every_steps=10",
                    "moe.train_only=moe",
                    # partition even the tiny model's small tensors so ZeRO-3 really shards them
                    "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
     result = run_training(cfg)
-    assert result.metrics["step"] == 20 and result.metrics["final"] is True
+    assert result.metrics["step"] == 30 and result.metrics["final"] is True
 
-    # Loss decreases (same 32 training examples every epoch).
+    # Loss decreases (the same 40 training examples every epoch: the dev queries come from qrels).
     history = MlflowClient(cfg.tracking.tracking_uri).get_metric_history(result.mlflow_run_id, "train/loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
-    assert len(losses) == 20
+    assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
 
     # Frozen parameters exactly unchanged, MoE parameters changed.
@@ -145,13 +153,13 @@ def test_fault_injection_resume_and_rerun(tmp_path, small_data, ray_local, tiny_
 
 
 def run_train_job(*args):
-    return subprocess.run([sys.executable, "jobs/train.py", "--lang", "hi", "--profile", "tiny", *args],
+    return subprocess.run([sys.executable, "jobs/train.py", "--lang", "ko", "--profile", "tiny", *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
 def train_in_process(*args):
     """jobs/train.py in this process (``run_in_process`` asserts that Ray never started)."""
-    return run_in_process("train.py", "--lang", "hi", "--profile", "tiny", *args)
+    return run_in_process("train.py", "--lang", "ko", "--profile", "tiny", *args)
 
 
 def test_bad_input_fails_before_workers_start(tmp_path):
@@ -202,7 +210,7 @@ def test_deepspeed_config_fills_auto_values_and_rejects_bad_files(tmp_path):
     from clp_ray.errors import ConfigError
     from clp_ray.train import deepspeed_config
 
-    cfg = load_config("hi", "tiny", ["train.per_device_batch_size=3", "train.gradient_accumulation_steps=2",
+    cfg = load_config("ko", "tiny", ["train.per_device_batch_size=3", "train.gradient_accumulation_steps=2",
                                       "deepspeed.stage=2", f"deepspeed.config_dir={tmp_path}"])
     (tmp_path / "zero2.json").write_text('{"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",'
                                          ' "zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}')
@@ -273,7 +281,7 @@ def test_m3_heads_keep_under_zero3_and_unified_training(tmp_path, small_data, ra
     from clp_ray.tiny import tiny_model_path
     from clp_ray.train import run_training
 
-    source = tiny_model_path(load_config("hi", "tiny", ["model.tiny.m3_heads=true"]).model.tiny)
+    source = tiny_model_path(load_config("ko", "tiny", ["model.tiny.m3_heads=true"]).model.tiny)
     common = ["model.tiny.m3_heads=true", "train.max_steps=4", "train.eval_every_steps=2", "moe.train_only=all"]
     keep = run_training(make_cfg(tmp_path / "keep", small_data, *common, "deepspeed.stage=3",
                                  "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}"))
@@ -306,11 +314,7 @@ def test_m3_heads_keep_under_zero3_and_unified_training(tmp_path, small_data, ra
     logged = client.get_run(unified.mlflow_run_id).data.metrics
     for k in ("dense", "sparse", "colbert", "ensemble", "distill"):
         assert f"train/m3_{k}" in logged
-    from clp_ray.data import dev_retrieval_set, load_records, split_train_dev, validate
     from clp_ray.evaluation import evaluate_config
 
-    report = validate(cfg.data.train_paths, lam=cfg.loss.lam, group_size=cfg.data.train_group_size)
-    ds = load_records(report, lam=cfg.loss.lam, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
-    dev = dev_retrieval_set(split_train_dev(ds, cfg.data.dev_fraction, cfg.data.seed)[1])
-    res = evaluate_config(Embedder.from_pretrained(unified.model_path), dev, cfg.eval)
+    res = evaluate_config(Embedder.from_pretrained(unified.model_path), dev_set_of(cfg).retrieval, cfg.eval)
     assert unified.metrics["dev_ndcg@10"] == pytest.approx(res.metrics["ndcg@10"], abs=1e-9)

@@ -39,7 +39,7 @@ def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypat
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # Trials on URI storage (as s3:// on the cluster profile): sweep state, checkpoints and the
     # best model are reached through pyarrow's filesystem, the model copied locally to register it.
-    cfg = load_config("hi", "tiny", sweep_sets(tmp_path, small_data, f"train.storage_path=file://{tmp_path / 'ray'}",
+    cfg = load_config("ko", "tiny", sweep_sets(tmp_path, small_data, f"train.storage_path=file://{tmp_path / 'ray'}",
                                                 tracking=False))
     ensure_ray(cfg)
     try:
@@ -60,7 +60,10 @@ def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypat
     assert out.best.model_path.startswith(f"file://{tmp_path / 'ray'}/") and out.best.model_path.endswith("/model")
     assert set(out.test_metrics) == set(out.base_test_metrics) == {"ndcg@10", "ndcg@5", "recall@100", "mrr@10"}
     assert 0 <= out.p_value_vs_base <= 1 and out.test_metrics["ndcg@10"] > out.base_test_metrics["ndcg@10"]
-    assert len(list((tmp_path / "out" / "base_eval").glob("*.json"))) == 1  # the base model's result, cached
+    # The base model's test and dev results, cached; the dev one is every trial's starting point.
+    assert len(list((tmp_path / "out" / "base_eval").glob("*.json"))) == 2
+    # Selection ran on the sample's dev queries over its full corpus.
+    assert (out.dev_set.source, out.dev_set.queries, out.dev_set.corpus_size) == ("qrels", 920, 1519)
 
     client = MlflowClient(tracking_uri(cfg))
     parent = client.get_run(out.parent_run_id)
@@ -73,12 +76,14 @@ def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypat
         assert run.data.tags["clp_ray.status"] == t.status
         assert run.info.status == ("FINISHED" if t.status == "completed" else "KILLED")
         assert "train/loss" in run.data.metrics
+        assert run.data.params["dev_set.corpus_size"] == "1519" and run.data.params["dev_set.source"] == "qrels"
+        assert run.data.metrics["dev_ndcg_at_10_init"] == pytest.approx(out.base_dev_metrics["ndcg@10"])
     arts = {a.path for a in client.list_artifacts(out.parent_run_id, "plots")}
     assert arts == {"plots/optimization_history.png", "plots/param_importances.png", "plots/dev_metric_per_trial.png"}
     assert parent.data.metrics["test_ndcg_at_10"] == pytest.approx(out.test_metrics["ndcg@10"])
     assert parent.data.metrics["base_test_ndcg_at_10"] == pytest.approx(out.base_test_metrics["ndcg@10"])
     assert parent.data.params["model_settings.pooling"] == "mean"  # the tiny model's own folder says so
-    mv = client.get_model_version_by_alias("clp-ray-hi", "champion")
+    mv = client.get_model_version_by_alias("clp-ray-ko", "champion")
     assert mv.version == out.version and mv.tags["trial_id"] == out.best.trial_id
     for key in ("data_hash", "eval_set_hash", "git_commit", "param.lam", "dev_ndcg_at_10", "test_ndcg_at_10",
                 "base_test_ndcg_at_10", "p_value_vs_base"):
@@ -89,7 +94,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path, s
     from mlflow import MlflowClient
 
     sets = sweep_sets(tmp_path, small_data, "search.num_samples=2", "search.max_concurrent_trials=1", "train.epochs=1")
-    cmd = [sys.executable, "jobs/tune.py", "--lang", "hi", "--profile", "tiny", "--summary", str(tmp_path / "s.json")]
+    cmd = [sys.executable, "jobs/tune.py", "--lang", "ko", "--profile", "tiny", "--summary", str(tmp_path / "s.json")]
     for s in sets:
         cmd += ["--set", s]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -106,9 +111,9 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path, s
     lines.append(rest)
     out = "".join(lines)
     assert proc.returncode == 130, out[-4000:]
-    assert "interrupted: sweep tune-hi-" in out and "re-run the same command to resume it" in out
+    assert "interrupted: sweep tune-ko-" in out and "re-run the same command to resume it" in out
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("clp-ray-hi")
+    exp = client.get_experiment_by_name("clp-ray-ko")
     finished_before = {r.data.tags["clp_ray.trial_id"] for r in client.search_runs(
         [exp.experiment_id], filter_string="tags.`clp_ray.kind` = 'trial' and attributes.status = 'FINISHED'")}
     assert len(finished_before) >= 1
@@ -118,6 +123,8 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path, s
     summary = json.loads((tmp_path / "s.json").read_text())
     assert len(summary["trials"]) == 2
     assert set(summary["base_test_metrics"]) == set(summary["test_metrics"]) and 0 <= summary["p_value_vs_base"] <= 1
+    assert summary["dev_set"]["corpus_size"] == 1519 and summary["dev_set"]["queries"] == 920
+    assert set(summary["base_dev_metrics"]) == set(summary["test_metrics"])
     trial_runs = client.search_runs([exp.experiment_id], filter_string="tags.`clp_ray.kind` = 'trial'")
     per_trial: dict[str, int] = {}
     for r in trial_runs:

@@ -24,6 +24,7 @@ from clp_ray.errors import ConfigError
 from clp_ray.evaluation import RetrievalSet, evaluate_config, format_metrics, load_beir
 from clp_ray.model_refs import load_embedder, num_encoder_layers
 from clp_ray.modeling import Embedder
+from clp_ray.samples import check_data_language
 from clp_ray.storage import local_folder
 from clp_ray.tracking import Tracker, ending, git_commit, resume_or_start_run, start_run
 from clp_ray.train.preflight import (
@@ -72,6 +73,7 @@ def _check_arms(cfg: ExperimentConfig) -> list[Arm]:
 
 
 def run_ablation_job(cfg: ExperimentConfig) -> AblationOutcome:
+    check_data_language(cfg)  # before the model is resolved (the offline rebuild takes seconds)
     cfg = resolve_model_path(cfg)
     arms = _check_arms(cfg)
     if not cfg.eval.data_dir:
@@ -117,7 +119,7 @@ def _progress(ctx: _Context) -> tuple[dict[str, Optional[RunResult]], list[RunSp
 def _run(ctx: _Context, parent: Tracker, done: dict[str, Optional[RunResult]], todo: list[RunSpec]) -> AblationOutcome:
     if todo:
         train_runs(todo, ctx.cfg, data=ctx.prep.data, storage=ctx.prep.storage, name=ctx.prep.name, parent=parent,
-                   folder_of=ctx.folder)
+                   folder_of=ctx.folder, dev=ctx.prep.dev)
     for s in ctx.runs:
         if done[s.name] is None:
             done[s.name] = _evaluate_run(ctx, s, parent)

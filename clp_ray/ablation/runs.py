@@ -19,6 +19,7 @@ from ray.tune import Callback
 from clp_ray.ablation.arms import RunSpec
 from clp_ray.ablation.results import TrainedRun
 from clp_ray.config import ExperimentConfig
+from clp_ray.dev_set import DevSet
 from clp_ray.errors import ClpRayError, JobInterrupted
 from clp_ray.storage import join
 from clp_ray.tracking import Tracker, start_run_retrying, tracking_uri, with_driver_tracking
@@ -48,6 +49,7 @@ class AblationPayload:
     train_storage: str
     data: DataRef
     parent_run_id: Optional[str]
+    dev: Optional[DevSet] = None  # the dev set the runs report on (built once by the driver)
 
 
 def _child_run(p: ArmRunPayload, parent_run_id: str) -> Tracker:
@@ -71,7 +73,7 @@ def _child_run(p: ArmRunPayload, parent_run_id: str) -> Tracker:
 def run_arm_trial(config: dict, ablation: AblationPayload) -> None:
     """The trainable: trains ``config["run"]`` and reports where its model is."""
     p = ablation.runs[config["run"]]
-    prep = PreparedRun(p.cfg, p.name, ablation.train_storage, p.ds_config, ablation.data)
+    prep = PreparedRun(p.cfg, p.name, ablation.train_storage, p.ds_config, ablation.data, dev=ablation.dev)
     tracker = _child_run(p, ablation.parent_run_id) if ablation.parent_run_id else None
     result = fit_in_trial(prep, tracker)
     if tracker:
@@ -93,21 +95,21 @@ class _Progress(Callback):
 
 
 def _payload(specs: list[RunSpec], cfg: ExperimentConfig, data: DataRef, storage: str,
-             parent: Optional[Tracker]) -> AblationPayload:
+             parent: Optional[Tracker], dev: Optional[DevSet]) -> AblationPayload:
     runs = {}
     for s in specs:
         c = with_driver_tracking(s.cfg)
         runs[s.name] = ArmRunPayload(s.name, s.arm, s.seed or 0, c, deepspeed_config(c, c.ray.num_workers))
-    return AblationPayload(runs, storage, data, parent.run_id if parent else None)
+    return AblationPayload(runs, storage, data, parent.run_id if parent else None, dev)
 
 
 def train_runs(specs: list[RunSpec], cfg: ExperimentConfig, *, data: DataRef, storage: str, name: str,
-               parent: Optional[Tracker], folder_of) -> list[TrainedRun]:
+               parent: Optional[Tracker], folder_of, dev: Optional[DevSet] = None) -> list[TrainedRun]:
     """Train ``specs`` (Tune grid); each finished one is saved at once as a :class:`TrainedRun` in
     ``folder_of(name)``, so an interrupted or partly failed ablation keeps what it trained."""
     n = min(len(specs), cfg.ablation.max_concurrent_runs or trials_that_fit(cfg))
     log.info("ablation %s: training %d runs, %d at a time", name, len(specs), n)
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_arm_trial, ablation=_payload(specs, cfg, data, storage, parent)),
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_arm_trial, ablation=_payload(specs, cfg, data, storage, parent, dev)),
                                         {"CPU": TRIAL_DRIVER_CPU})
     tuner = ray.tune.Tuner(
         trainable, param_space={"run": ray.tune.grid_search([s.name for s in specs])},

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from clp_ray.config import ExperimentConfig
+
+if TYPE_CHECKING:  # the payload module imports without torch, datasets or MLflow (tested)
+    from clp_ray.dev_set import DevSet
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class WorkerPayload:
     data: DataRef
     run_dir: str  # the run's folder on the run storage (the fault-injection marker lives there)
     tracking: Optional[TrackingRef] = None
+    dev: Optional[DevSet] = None  # the dev set the driver built; None: the worker builds the same one
+    dev_init: Optional[dict[str, float]] = None  # the untrained model's dev metrics; None: the worker computes them
 
     def as_loop_config(self) -> dict:
         """Ray Train's ``train_loop_config`` (a dict) carrying this payload."""

@@ -16,14 +16,17 @@ import ray
 
 from clp_ray.atomic import check_writable
 from clp_ray.config import ExperimentConfig
-from clp_ray.data import load_records, split_train_dev, validate
+from clp_ray.data import load_records, validate
+from clp_ray.dev_set import DevSet, build_dev_set, resolve_dev_source, training_split
 from clp_ray.errors import ClpRayError, ConfigError
 from clp_ray.locks import exclusive
 from clp_ray.m3 import HEAD_FILES
+from clp_ray.model_folder import check_max_lengths
 from clp_ray.model_refs import is_moe_folder, num_encoder_layers, resolve_source
 from clp_ray.model_settings import ResolvedSettings, resolve
 from clp_ray.modeling import settings_folder
 from clp_ray.moe import normalize_layer_indices
+from clp_ray.samples import check_data_language
 from clp_ray.storage import filesystem, is_uri, join
 from clp_ray.tracking import check_tracking
 from clp_ray.train.deepspeed_config import deepspeed_config
@@ -43,6 +46,8 @@ class PreparedRun:
     train_records: int = 0  # after the dev split
     # How the model embeds, resolved on the driver: {"settings": {...}, "sources": {...}}.
     model_settings: dict = field(default_factory=dict)
+    dev: Optional[DevSet] = None  # what selection runs on, built once here (clp_ray/dev_set.py)
+    dev_init: Optional[dict[str, float]] = None  # the untrained model's dev metrics, when the driver has them
 
     @property
     def data_files(self) -> list[str]:
@@ -134,6 +139,23 @@ def model_settings(cfg: ExperimentConfig) -> ResolvedSettings:
     return resolve(settings_folder(resolve_source(cfg.model.name_or_path, cfg.model.tiny)), cfg.model.explicit_settings())
 
 
+def check_positions(cfg: ExperimentConfig, resolved: ResolvedSettings) -> None:
+    """The max lengths against the model's position embeddings, before Ray starts (a hub model
+    whose config cannot be read here is left to the workers' load, which checks it too)."""
+    from transformers import AutoConfig
+
+    ref = resolve_source(cfg.model.name_or_path, cfg.model.tiny)
+    try:
+        config = AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError) as e:
+        log.debug("max lengths not checked before starting: %s", e)
+        return
+    try:
+        check_max_lengths(resolved.settings, resolved.sources, config, cfg.model.name_or_path, cfg.cite)
+    except ClpRayError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_moe_layers(cfg: ExperimentConfig, num_layers: Optional[int] = None) -> None:
     """``moe.layers`` against the model's layer count, on the driver: the workers would otherwise
     find a bad index only after Ray and DeepSpeed have started (a minute on the local profile).
@@ -196,6 +218,7 @@ def _validated_data(cfg: ExperimentConfig):
 def prepare(cfg: ExperimentConfig, *, name: Optional[Callable[[ExperimentConfig, str], str]] = None) -> PreparedRun:
     """All checks that can fail on user input, before any cluster work. ``name(cfg, data hash)``
     names the run (default :func:`run_name`)."""
+    check_data_language(cfg)
     check_consistency(cfg)
     check_heads(cfg)
     ds_config = deepspeed_config(cfg, cfg.ray.num_workers)
@@ -206,13 +229,17 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[Callable[[ExperimentConfig,
     data = DataRef(tuple(report.files), report.content_hash, cfg.data.on_duplicate)
     # Build the Arrow cache once on the driver; workers on this machine reuse it.
     records = load_records(data, lam=cfg.loss.lam, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
-    train_ds, _ = split_train_dev(records, cfg.data.dev_fraction, cfg.data.seed, by=cfg.data.dev_split)
+    source = resolve_dev_source(cfg)
+    train_ds, heldout = training_split(records, cfg, source)
     if len(train_ds) < cfg.ray.num_workers:
         raise ClpRayError(f"only {len(train_ds)} training records (after the dev split) for {cfg.ray.num_workers} workers")
+    dev = build_dev_set(cfg, train_ds, heldout, source)
     resolved = model_settings(cfg)
+    check_positions(cfg, resolved)
     log.info("model %s embeds with %s", cfg.model.name_or_path, resolved.describe())
     return PreparedRun(cfg, (name or run_name)(cfg, report.content_hash), storage_path(cfg), ds_config, data,
-                       report.to_dict(), len(train_ds), {"settings": resolved.settings.to_dict(), "sources": resolved.sources})
+                       report.to_dict(), len(train_ds), {"settings": resolved.settings.to_dict(), "sources": resolved.sources},
+                       dev)
 
 
 def run_lock(cfg: ExperimentConfig, name: str):

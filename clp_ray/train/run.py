@@ -19,7 +19,9 @@ from ray.train.torch import TorchTrainer
 
 from clp_ray.cache import cache_root
 from clp_ray.config import ExperimentConfig
+from clp_ray.dev_set import DevSetInfo
 from clp_ray.errors import ClpRayError
+from clp_ray.samples import check_data_language
 from clp_ray.storage import filesystem, folder_exists, join, local_folder, location
 from clp_ray.tracking import Tracker, resume_or_start_run
 from clp_ray.train.payload import TrackingRef, WorkerPayload
@@ -91,6 +93,7 @@ class TrainResult:
     mlflow_run_id: Optional[str] = None
     local_model_path: Optional[str] = None  # model_path, or its local copy when the storage is remote
     data_files: list[str] = field(default_factory=list)  # the training files read (folders expanded)
+    dev_set: Optional[DevSetInfo] = None  # what the dev metrics were computed on
 
 
 def fit(prep: PreparedRun, *, tracker: Optional[Tracker] = None, callbacks: Optional[list] = None) -> TrainResult:
@@ -100,7 +103,7 @@ def fit(prep: PreparedRun, *, tracker: Optional[Tracker] = None, callbacks: Opti
     if r.use_gpu:
         resources["GPU"] = max(r.gpus_per_worker, 1)
     payload = WorkerPayload(cfg, prep.ds_config, prep.data, prep.run_dir,
-                            TrackingRef(tracker.uri, tracker.run_id) if tracker else None)
+                            TrackingRef(tracker.uri, tracker.run_id) if tracker else None, prep.dev, prep.dev_init)
     trainer = TorchTrainer(
         train_worker, train_loop_config=payload.as_loop_config(),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
@@ -114,7 +117,8 @@ def fit(prep: PreparedRun, *, tracker: Optional[Tracker] = None, callbacks: Opti
     ckpt_path = location(prep.storage, ckpt.path) if ckpt else None
     model_path = checkpoint_model(ckpt_path) if ckpt_path else None
     return TrainResult(prep.name, prep.run_dir, ckpt_path, model_path, dict(result.metrics or {}),
-                       tracker.run_id if tracker else None, data_files=prep.data_files)
+                       tracker.run_id if tracker else None, data_files=prep.data_files,
+                       dev_set=prep.dev.info if prep.dev else None)
 
 
 def finished_result(prep: PreparedRun) -> Optional[TrainResult]:
@@ -136,7 +140,8 @@ def finished_result(prep: PreparedRun) -> Optional[TrainResult]:
         return None
     id_file = output_folder(prep) / MLFLOW_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else None
-    return TrainResult(prep.name, prep.run_dir, ckpt_path, model_path, metrics, run_id, data_files=prep.data_files)
+    return TrainResult(prep.name, prep.run_dir, ckpt_path, model_path, metrics, run_id, data_files=prep.data_files,
+                       dev_set=prep.dev.info if prep.dev else None)
 
 
 def checkpoint_model(ckpt_location: str) -> Optional[str]:
@@ -164,7 +169,7 @@ def open_tracking(prep: PreparedRun) -> Tracker:
     cfg = prep.cfg
 
     def on_start(tracker: Tracker) -> None:
-        tracker.log_params({**cfg.flat(), **prep.settings_params()})
+        tracker.log_params({**cfg.flat(), **prep.settings_params(), **(prep.dev.info.as_params() if prep.dev else {})})
         tracker.log_text(cfg.to_yaml(), "config.yaml")
         tracker.log_text(json.dumps(prep.data_report, indent=2), "data_report.json")
         tracker.log_text(json.dumps(prep.model_settings, indent=2), "model_settings.json")
@@ -175,6 +180,7 @@ def open_tracking(prep: PreparedRun) -> Tracker:
 
 def run_training(cfg: ExperimentConfig) -> TrainResult:
     """jobs/train.py: checks, Ray, MLflow, fit, final artifacts. User errors raise ClpRayError."""
+    check_data_language(cfg)  # before the model is resolved (the offline rebuild takes seconds)
     cfg = resolve_model_path(cfg)
     check_moe_layers(cfg)
     prep = prepare(cfg)

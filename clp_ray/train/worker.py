@@ -25,11 +25,13 @@ import ray.train
 import ray.train.torch
 import torch
 
-from clp_ray.data import Collator, dev_retrieval_set, load_records, rank_batches, sample_group, split_train_dev
+from clp_ray.data import Collator, load_records, rank_batches, sample_group
+from clp_ray.dev_set import build_dev_set, training_split
 from clp_ray.evaluation import evaluate_config
 from clp_ray.model_refs import load_embedder
 from clp_ray.moe import apply_train_only
 from clp_ray.objective import CLPObjective, ObjectiveOutput
+from clp_ray.rank_encode import RankShardedEncoder
 from clp_ray.redact import install_log_filter
 from clp_ray.tracking import Tracker
 from clp_ray.train.engine import build_engine, num_tokens, rng_state, save_final_model, set_rng_state, to_device
@@ -122,11 +124,12 @@ class TrainWorker:
                                       chunk_size=chunk, m3=m3_loss_settings(cfg))
 
     def _load_data(self) -> None:
-        d = self.cfg.data
+        d, dev = self.cfg.data, self.payload.dev
         records = load_records(self.payload.data, lam=self.cfg.loss.lam, group_size=d.train_group_size,
                                max_line_bytes=d.max_line_bytes)
-        self.train_ds, dev_ds = split_train_dev(records, d.dev_fraction, d.seed, by=d.dev_split)
-        self.dev_set = dev_retrieval_set(dev_ds) if len(dev_ds) else None
+        # The same split as the driver's (seeded), so the dev queries never train.
+        self.train_ds, heldout = training_split(records, self.cfg, dev.info.source if dev else None)
+        self.dev_set = (dev or build_dev_set(self.cfg, self.train_ds, heldout)).retrieval
         self.collate = Collator.for_embedder(self.embedder, d.length_bucket_size)  # the model's prefixes and lengths
         self._batches: tuple[int, list[list[int]]] = (-1, [])
 
@@ -151,7 +154,7 @@ class TrainWorker:
                  self.plan.micro_per_epoch, self.trainable, self.total_params, torch.get_num_threads(),
                  f"gradient caching in chunks of {chunk} sequences" if chunk else "no gradient caching")
         if self.state.dev_init is None:
-            self.state.dev_init = self.evaluate()
+            self.state.dev_init = self.payload.dev_init or self.evaluate()
             if self.tracker:
                 self.tracker.log_metrics({f"{k}_init": v for k, v in self.state.dev_init.items()}, step=0)
 
@@ -185,10 +188,15 @@ class TrainWorker:
             self.window = Window()
 
     def evaluate(self) -> dict[str, float]:
-        if self.dev_set is None:
-            return {}
         self.engine.eval()
-        res = evaluate_config(self.embedder, self.dev_set, self.cfg.eval)
+        # Each rank encodes its share of the dev texts (ZeRO-3 needs every rank in every forward).
+        encoder = self.embedder if self.stage3 else RankShardedEncoder(self.embedder, self.rank, self.world)
+        started = time.perf_counter()
+        res = evaluate_config(encoder, self.dev_set, self.cfg.eval)
+        if self.rank == 0:
+            log.info("dev evaluation at step %d: %d queries over %d passages in %.1f s (nDCG@10 %.4f)",
+                     self.state.global_step, res.num_queries, res.num_docs, time.perf_counter() - started,
+                     res.metrics["ndcg@10"])
         self.engine.train()
         return {f"dev_{k}": v for k, v in res.metrics.items()}
 

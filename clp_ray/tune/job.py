@@ -11,12 +11,23 @@ from pathlib import Path
 from typing import Any, Optional
 
 from clp_ray.config import ExperimentConfig
+from clp_ray.dev_set import DevSetInfo
 from clp_ray.errors import ClpRayError, ConfigError
-from clp_ray.evaluation import EvalResult, RetrievalSet, compare, evaluate_config, load_beir, load_result, save_result
+from clp_ray.evaluation import (
+    EvalResult,
+    RetrievalSet,
+    compare,
+    evaluate_config,
+    evaluate_sets,
+    load_beir,
+    load_result,
+    save_result,
+)
 from clp_ray.model_refs import load_embedder, num_encoder_layers
 from clp_ray.modeling import Embedder
 from clp_ray.plots import write_sweep_plots
 from clp_ray.registry import Promotion, load_registered_embedder, log_embedder_model, promote_if_better
+from clp_ray.samples import check_data_language
 from clp_ray.storage import local_folder
 from clp_ray.tracking import Tracker, ending, git_commit, metric_key, registered_model_name, resume_or_start_run
 from clp_ray.train.preflight import (
@@ -49,6 +60,8 @@ class TuneOutcome:
     base_test_metrics: dict[str, float] = field(default_factory=dict)
     p_value_vs_base: Optional[float] = None  # paired t-test on per-query test nDCG@10, best trial vs base
     data_files: list[str] = field(default_factory=list)  # the training files read (folders expanded)
+    dev_set: Optional[DevSetInfo] = None  # what the trials were selected on
+    base_dev_metrics: dict[str, float] = field(default_factory=dict)  # the untrained model on the dev set
 
 
 @dataclass
@@ -62,26 +75,44 @@ class _Context:
     out_dir: Path  # <train.output_dir>/<sweep name>
 
 
-def base_model_test(cfg: ExperimentConfig, test_set: RetrievalSet) -> EvalResult:
-    """The untrained model's test result (per-query scores kept for the paired test), cached on disk
-    per (model, its settings, evaluation set, depth, mode): a resumed or repeated sweep does not pay again."""
+def _base_eval_path(cfg: ExperimentConfig, data: RetrievalSet) -> Path:
     key = json.dumps({"model": cfg.model.name_or_path, "tiny": cfg.model.tiny.model_dump(),
-                      "settings": model_settings(cfg).settings.to_dict(), "eval_set": test_set.content_hash(),
+                      "settings": model_settings(cfg).settings.to_dict(), "eval_set": data.content_hash(),
                       "top_k": cfg.eval.top_k, "mode": cfg.eval.mode, "hybrid_weights": cfg.eval.hybrid_weights.model_dump(),
                       "rerank_depth": cfg.eval.rerank_depth, "format": 1}, sort_keys=True)
-    path = Path(cfg.train.output_dir).resolve() / "base_eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    cached = load_result(path)
-    if cached is not None:
-        log.info("base model's test metrics from %s", path)
-        return cached
-    log.info("evaluating the base model (no training) on %s", test_set.name)
-    res = evaluate_config(load_embedder(cfg.model), test_set, cfg.eval, show_progress=True)
-    save_result(res, path)
-    return res
+    return Path(cfg.train.output_dir).resolve() / "base_eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def base_model_results(cfg: ExperimentConfig, sets: list[RetrievalSet]) -> list[EvalResult]:
+    """The untrained model's result on each of ``sets`` (the test split, the dev set; per-query
+    scores kept for the paired test), cached on disk per (model, its settings, evaluation set,
+    depth, mode): a resumed or repeated sweep does not pay again. Sets over one corpus share one
+    corpus encoding."""
+    paths = [_base_eval_path(cfg, s) for s in sets]
+    results = [load_result(p) for p in paths]
+    todo = [i for i, r in enumerate(results) if r is None]
+    for i in set(range(len(sets))) - set(todo):
+        log.info("base model's metrics on %s from %s", sets[i].name, paths[i])
+    if todo:
+        log.info("evaluating the base model (no training) on %s", " and ".join(sets[i].name for i in todo))
+        fresh = evaluate_sets(load_embedder(cfg.model), [sets[i] for i in todo], cfg.eval, show_progress=True)
+        for i, res in zip(todo, fresh):
+            save_result(res, paths[i])
+            results[i] = res
+    return results
+
+
+def base_model_result(cfg: ExperimentConfig, test_set: RetrievalSet) -> EvalResult:
+    """:func:`base_model_results` of one set."""
+    return base_model_results(cfg, [test_set])[0]
+
+
+base_model_test = base_model_result  # the name it had before it scored the dev set too
 
 
 def run_tune_job(cfg: ExperimentConfig, *, fresh: bool = False) -> TuneOutcome:
     """Everything that can fail on user input fails first, before any cluster work."""
+    check_data_language(cfg)  # before the model is resolved (the offline rebuild takes seconds)
     cfg = resolve_model_path(cfg)
     layers = num_encoder_layers(cfg.model)
     check_space(cfg, layers)
@@ -105,7 +136,7 @@ def _open_parent(ctx: _Context, fresh: bool) -> Tracker:
     def on_start(tracker: Tracker) -> None:
         tracker.log_params({**{f"search.{k}": v for k, v in cfg.search.model_dump().items()},
                             "model.name_or_path": cfg.model.name_or_path, "data.content_hash": prep.data_hash,
-                            **prep.settings_params()})
+                            **prep.settings_params(), **(prep.dev.info.as_params() if prep.dev else {})})
         tracker.log_text(cfg.to_yaml(), "config.yaml")
         tracker.log_text(json.dumps(prep.model_settings, indent=2), "model_settings.json")
 
@@ -119,8 +150,12 @@ def _sweep_and_register(ctx: _Context, fresh: bool) -> TuneOutcome:
     parent = _open_parent(ctx, fresh)
     log.info("sweep %s: %d trials, MLflow parent run %s", ctx.prep.name, ctx.cfg.search.num_samples, parent.run_id)
     with ending(parent):  # KILLED on an interrupt: the next run of the same command continues this run
-        base = base_model_test(ctx.cfg, ctx.test_set)
-        parent.log_metrics({f"base_test_{k}": v for k, v in base.metrics.items()})
+        # Every trial's untrained dev metrics too, computed once here (an upcycled model equals
+        # its dense base at init), not once per trial on its workers.
+        base, base_dev = base_model_results(ctx.cfg, [ctx.test_set, ctx.prep.dev.retrieval])
+        parent.log_metrics({**{f"base_test_{k}": v for k, v in base.metrics.items()},
+                            **{f"base_dev_{k}": v for k, v in base_dev.metrics.items()}})
+        ctx.prep.dev_init = {f"dev_{k}": v for k, v in base_dev.metrics.items()}
         trials = run_sweep(ctx.cfg, prep=ctx.prep, num_layers=ctx.layers, fresh=fresh, parent_tracker=parent)
         best, best_model, res = _test_best(ctx, trials)
         vs_base = compare(base, res, "ndcg@10")
@@ -133,7 +168,7 @@ def _sweep_and_register(ctx: _Context, fresh: bool) -> TuneOutcome:
         version, promotion = _register(ctx, parent, best, best_model, res, base, vs_base.p_value)
     return TuneOutcome(ctx.prep.name, trials, best, apply_params(ctx.cfg, best.params), res.metrics,
                        registered_model_name(ctx.cfg), version, promotion, parent.run_id, base.metrics,
-                       vs_base.p_value, ctx.prep.data_files)
+                       vs_base.p_value, ctx.prep.data_files, ctx.prep.dev.info, base_dev.metrics)
 
 
 def _test_best(ctx: _Context, trials: list[TrialSummary]) -> tuple[TrialSummary, Path, EvalResult]:

@@ -11,6 +11,7 @@ from ray.train import TrainingFailedError
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from clp_ray.config import ExperimentConfig
+from clp_ray.dev_set import DevSet
 from clp_ray.tracking import Tracker, start_run_retrying
 from clp_ray.train.payload import DataRef
 from clp_ray.train.preflight import PreparedRun
@@ -28,6 +29,8 @@ class SweepPayload:
     ds_config: dict
     data: DataRef
     parent_run_id: Optional[str] = None
+    dev: Optional[DevSet] = None  # the dev set every trial is selected on (built once by the driver)
+    dev_init: Optional[dict[str, float]] = None  # the untrained model's dev metrics (the same for every trial)
 
 
 def fit_in_trial(prep: PreparedRun, tracker: Optional[Tracker], callbacks: Optional[list] = None) -> TrainResult:
@@ -48,12 +51,12 @@ def run_trial(config: dict, sweep: SweepPayload) -> None:
     cfg = apply_params(sweep.base, params)
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"{sweep.name}-{trial_id}"
-    prep = PreparedRun(cfg, name, sweep.train_storage, sweep.ds_config, sweep.data)
+    prep = PreparedRun(cfg, name, sweep.train_storage, sweep.ds_config, sweep.data, dev=sweep.dev, dev_init=sweep.dev_init)
     tracker = None
     if sweep.parent_run_id:
         tracker = start_run_retrying(cfg, name, parent_run_id=sweep.parent_run_id,
                                      tags={"clp_ray.trial_id": trial_id, "clp_ray.kind": "trial", "clp_ray.status": "running"})
-        tracker.log_params({**params, "moe.layers": cfg.moe.layers})
+        tracker.log_params({**params, "moe.layers": cfg.moe.layers, **(sweep.dev.info.as_params() if sweep.dev else {})})
     result = fit_in_trial(prep, tracker, callbacks=[TuneReportCallback()])
     if tracker:  # its dev metrics were logged by the training run's rank 0
         tracker.set_tags({"clp_ray.status": "completed", "clp_ray.model_path": result.model_path or ""})
