@@ -85,19 +85,14 @@ def dev_sets(cfg):
 
 def score(model_path: str, old, full, test, e) -> dict[str, float]:
     """nDCG@10 on the three sets; the full-corpus dev set and the test split share one corpus encoding."""
-    from clp_ray.evaluation import RetrievalSet, evaluate_config
+    from clp_ray.evaluation import evaluate_config, evaluate_sets
     from clp_ray.modeling import Embedder
 
     emb = Embedder.from_pretrained(model_path)
     assert full.retrieval.corpus == test.corpus
-    both = RetrievalSet(test.corpus, {**full.retrieval.queries, **test.queries}, {**full.retrieval.qrels, **test.qrels})
-    per_query = evaluate_config(emb, both, e).per_query["ndcg@10"]
-
-    def mean(qids) -> float:
-        return sum(per_query[q] for q in qids) / len(qids)
-
-    return {"records": evaluate_config(emb, old, e).metrics["ndcg@10"], "full_corpus": mean(full.retrieval.queries),
-            "test": mean(test.queries)}
+    dev_res, test_res = evaluate_sets(emb, [full.retrieval, test], e)
+    return {"records": evaluate_config(emb, old, e).metrics["ndcg@10"], "full_corpus": dev_res.metrics["ndcg@10"],
+            "test": test_res.metrics["ndcg@10"]}
 
 
 def spearman(xs: list[float], ys: list[float]) -> dict[str, float]:

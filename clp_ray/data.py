@@ -38,7 +38,7 @@ from clp_ray.atomic import atomic_path
 from clp_ray.config import resolve_path
 from clp_ray.errors import ConfigError, DataError
 from clp_ray.evaluation import RetrievalSet
-from clp_ray.unicode_text import is_valid_text
+from clp_ray.unicode_text import SURROGATE, is_valid_text
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _check_str_list(rec: dict, key: str, *, required: bool, nonempty: bool) -> O
         if not item.strip():
             return key, f"item {i} is an empty string"
         if not is_valid_text(item):
-            return key, f"item {i} holds a lone surrogate (not valid Unicode text)"
+            return key, f"item {i} {SURROGATE}"
     return None
 
 
@@ -225,7 +225,7 @@ def check_record(rec: Any, *, lam: float, group_size: int) -> Optional[tuple[str
     if not q.strip():
         return "query", "empty string"
     if not is_valid_text(q):
-        return "query", "holds a lone surrogate (not valid Unicode text)"
+        return "query", SURROGATE
     for problem in (
         _check_str_list(rec, "pos", required=True, nonempty=True),
         _check_str_list(rec, "neg", required=True, nonempty=group_size > 1),
