@@ -274,11 +274,14 @@ def score_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]
 
 
 def write_trec_run(path: str | os.PathLike, run: dict[str, dict[str, float]], tag: str = "clp-ray") -> Path:
+    """The run in TREC format. Scores are written in full (shortest round-trip form): rounded ones
+    tie where the scores did not, and a tool re-scoring the file would then rank those documents
+    differently from the metrics reported here."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for qid in sorted(run):
             ranked = sorted(run[qid].items(), key=lambda kv: (-kv[1], kv[0]))
             for rank, (did, score) in enumerate(ranked, 1):
-                f.write(f"{qid} Q0 {did} {rank} {score:.6f} {tag}\n")
+                f.write(f"{qid} Q0 {did} {rank} {float(score)!r} {tag}\n")
     return Path(path)
 
 

@@ -2,6 +2,7 @@ import json
 import math
 from pathlib import Path
 
+import ir_measures
 import pytest
 import torch
 from conftest import run_in_process
@@ -111,7 +112,17 @@ def test_load_beir_rejects_rows_it_would_misread(tmp_path):
 
 def test_trec_run_file(tmp_path):
     path = write_trec_run(tmp_path / "run.trec", {"q1": {"d2": 0.5, "d1": 0.9}})
-    assert path.read_text().splitlines() == ["q1 Q0 d1 1 0.900000 clp-ray", "q1 Q0 d2 2 0.500000 clp-ray"]
+    assert path.read_text().splitlines() == ["q1 Q0 d1 1 0.9 clp-ray", "q1 Q0 d2 2 0.5 clp-ray"]
+    # Scores 1e-8 apart (a barely trained model's) keep their order in the file: re-scored by
+    # ir_measures they give the metrics score_run gave the run itself.
+    run = {"q1": {"d1": 0.71234561, "d2": 0.71234562, "d3": 0.1}}
+    qrels = {"q1": {"d1": 1}}
+    path = write_trec_run(tmp_path / "close.trec", run)
+    again = {}
+    for r in ir_measures.read_trec_run(str(path)):
+        again.setdefault(r.query_id, {})[r.doc_id] = r.score
+    assert again == run
+    assert score_run(qrels, again) == score_run(qrels, run) and score_run(qrels, run)[0]["mrr@10"] == 0.5
 
 
 def test_paired_comparison_matches_scipy():
