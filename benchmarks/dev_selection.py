@@ -6,9 +6,9 @@ on the records left after the old document-disjoint dev split, so that both dev 
 unseen by every trial. Every trial's final model is then scored on
 
 - ``records`` — the dev set selection used before: the held-out records' queries over a corpus of
-  only those records' own positives and negatives (``clp_ray.data.dev_retrieval_set``);
+  only those records' own positives and negatives (``clp_ray.evaluation.dev_set.dev_retrieval_set``);
 - ``full_corpus`` — today's default (``eval.dev_source: auto`` = qrels): the sample's dev queries
-  over the full corpus (``clp_ray.dev_set.build_dev_set``);
+  over the full corpus (``clp_ray.evaluation.dev_set.build_dev_set``);
 - the test split (the same corpus; dev and test queries are scored from one corpus encoding).
 
 and the Spearman correlation between each dev set's nDCG@10 and the test nDCG@10 over the trials
@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clp_ray.atomic import write_json  # noqa: E402
 from clp_ray.cli import add_summary_arg, int_at_least  # noqa: E402
+from clp_ray.util.atomic import write_json  # noqa: E402
 
 log = logging.getLogger("dev_selection")
 
@@ -57,7 +57,7 @@ def sweep_config(profile: str, trials: int, epochs: int, work: Path, space: str 
 
 def train_trials(cfg):
     """The sweep's trials (every one trained to the end), the held-out records and the training records."""
-    from clp_ray.model_refs import num_encoder_layers
+    from clp_ray.model.source import num_encoder_layers
     from clp_ray.train import ensure_ray, prepare, resolve_model_path
     from clp_ray.tune.sweep import run_sweep, sweep_name
 
@@ -70,12 +70,13 @@ def train_trials(cfg):
 
 def dev_sets(cfg):
     """(the records-only dev set, the full-corpus dev set, the test set)."""
-    from clp_ray.data import dev_retrieval_set, load_records, validate
-    from clp_ray.dev_set import build_dev_set, training_split
+    from clp_ray.data import load_records, validate
     from clp_ray.evaluation import load_beir
+    from clp_ray.evaluation.dev_set import build_dev_set, dev_retrieval_set, training_split
+    from clp_ray.loss.settings import LossSettings
 
-    report = validate(cfg.data.train_paths, lam=cfg.loss.lam, group_size=cfg.data.train_group_size)
-    records = load_records(report, lam=cfg.loss.lam, group_size=cfg.data.train_group_size,
+    report = validate(cfg.data.train_paths, require_neg_q=LossSettings.from_config(cfg).require_neg_q, group_size=cfg.data.train_group_size)
+    records = load_records(report, require_neg_q=LossSettings.from_config(cfg).require_neg_q, group_size=cfg.data.train_group_size,
                            max_line_bytes=cfg.data.max_line_bytes)
     train, heldout = training_split(records, cfg, "heldout")
     new_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"dev_source": "auto", "dev_corpus_sample": None})})
@@ -86,7 +87,7 @@ def dev_sets(cfg):
 def score(model_path: str, old, full, test, e) -> dict[str, float]:
     """nDCG@10 on the three sets; the full-corpus dev set and the test split share one corpus encoding."""
     from clp_ray.evaluation import evaluate_config, evaluate_sets
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
 
     emb = Embedder.from_pretrained(model_path)
     assert full.retrieval.corpus == test.corpus

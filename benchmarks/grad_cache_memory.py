@@ -29,8 +29,8 @@ from encoder_shape import add_shape_args, check_shape_args, positive  # benchmar
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clp_ray.atomic import write_json  # noqa: E402
 from clp_ray.cli import add_summary_arg  # noqa: E402
+from clp_ray.util.atomic import write_json  # noqa: E402
 
 TARGET_FLAT = 1.2
 TARGET_COST = 1.35
@@ -52,9 +52,10 @@ def one(args) -> dict:
     """One (batch, cached) measurement in this process."""
     from transformers import AutoModel, XLMRobertaConfig
 
-    from clp_ray.modeling import Embedder
-    from clp_ray.moe import upcycle
-    from clp_ray.objective import CLPObjective
+    from clp_ray.loss.objective import CLPObjective
+    from clp_ray.loss.settings import LossSettings
+    from clp_ray.model.embedder import Embedder
+    from clp_ray.model.moe import upcycle
 
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -65,7 +66,7 @@ def one(args) -> dict:
     encoder = AutoModel.from_config(cfg, add_pooling_layer=False)
     upcycle(encoder, [-1], num_experts=2)
     emb = Embedder(encoder.to(dev, dtype), tokenizer=None, pooling="cls").train()
-    obj = CLPObjective(emb, temperature=0.05, lam=0.1, cross_device=False,
+    obj = CLPObjective(emb, LossSettings(temperature=0.05, lam=0.1, cross_device=False),
                        chunk_size=args.chunk if args.cached else None)
     opt = torch.optim.AdamW(emb.parameters(), lr=1e-5)
     b, g = args.batch, args.group

@@ -49,9 +49,9 @@ import time
 import torch
 from torch import nn
 
-from clp_ray.atomic import write_json
 from clp_ray.cli import add_summary_arg, int_at_least
-from clp_ray.moe import MoEFeedForward, dispatch_naive
+from clp_ray.model.moe import MoEFeedForward, dispatch_naive
+from clp_ray.util.atomic import write_json
 
 
 class FFN(nn.Module):

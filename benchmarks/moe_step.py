@@ -24,8 +24,8 @@ import time
 import torch
 from encoder_shape import add_shape_args, check_shape_args, positive  # benchmarks/ (the script's folder)
 
-from clp_ray.atomic import write_json
 from clp_ray.cli import add_summary_arg
+from clp_ray.util.atomic import write_json
 
 
 def main() -> None:
@@ -46,7 +46,8 @@ def main() -> None:
         ap.error(f"--min-length {min_length}: must be at most --seq {args.seq}")
     from transformers import AutoModel, XLMRobertaConfig
 
-    from clp_ray.moe import apply_train_only, router_loss, token_mask, upcycle
+    from clp_ray.loss.router import router_loss
+    from clp_ray.model.moe import apply_train_only, token_mask, upcycle
 
     dev, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     cfg = XLMRobertaConfig(vocab_size=8192, hidden_size=args.hidden, num_hidden_layers=args.layers,

@@ -34,8 +34,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clp_ray.atomic import write_json  # noqa: E402
 from clp_ray.cli import add_summary_arg  # noqa: E402
+from clp_ray.util.atomic import write_json  # noqa: E402
 
 log = logging.getLogger("serve_throughput")
 SERVERS = ("ray_serve", "mlflow")
@@ -125,10 +125,10 @@ def load(port: int, path: str, make_body, texts: list[str], clients: int, durati
 
 def register(model: str, work: Path) -> str:
     from clp_ray.config import load_config
-    from clp_ray.model_refs import resolve_source
-    from clp_ray.modeling import Embedder
-    from clp_ray.registry import log_embedder_model, promote_if_better
-    from clp_ray.tracking import start_run
+    from clp_ray.model.embedder import Embedder
+    from clp_ray.model.source import resolve_source
+    from clp_ray.tracking.registry import log_embedder_model, promote_if_better
+    from clp_ray.tracking.runs import start_run
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     folder = Embedder.from_pretrained(resolve_source(model)).save_pretrained(work / "model")

@@ -45,8 +45,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clp_ray.atomic import write_json  # noqa: E402
 from clp_ray.cli import add_summary_arg, int_at_least  # noqa: E402
+from clp_ray.util.atomic import write_json  # noqa: E402
 
 BATCH, GROUP, QUERY_LEN, PASSAGE_LEN, LR, TAU = 32, 2, 32, 128, 2e-5, 0.05
 

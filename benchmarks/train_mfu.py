@@ -1,7 +1,7 @@
 """Tokens/s and model FLOPs utilisation of ``jobs/train.py``'s training step on a BGE-M3-shaped encoder.
 
 The step a Ray Train worker runs (:meth:`clp_ray.train.worker.TrainWorker.step`): the Collator's
-batches, :class:`~clp_ray.objective.CLPObjective` (CLP loss at λ 0.1, the negatives' own queries
+batches, :class:`~clp_ray.loss.objective.CLPObjective` (CLP loss at λ 0.1, the negatives' own queries
 encoded) under the DeepSpeed engine clp-ray builds (:func:`~clp_ray.train.deepspeed_config.
 deepspeed_config` + :func:`~clp_ray.train.engine.build_engine`: ZeRO-2, bf16 on a GPU) on one
 device, without Ray. The encoder has XLM-R large's geometry (BGE-M3's: 24 layers, hidden 1024,
@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from encoder_shape import add_shape_args, check_shape_args, positive  # noqa: E402  (benchmarks/, the script's folder)
 
-from clp_ray.atomic import write_json  # noqa: E402
 from clp_ray.cli import add_summary_arg, int_at_least  # noqa: E402
+from clp_ray.util.atomic import write_json  # noqa: E402
 
 
 def words(n_tokens: int, seed: int) -> str:
@@ -55,11 +55,12 @@ def build_objective(args, train_only: str):
     from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaModel
 
     from clp_ray.config import load_config
-    from clp_ray.modeling import Embedder
-    from clp_ray.moe import apply_spec, apply_train_only
-    from clp_ray.moe_spec import MoESpec
-    from clp_ray.objective import CLPObjective
-    from clp_ray.tiny import tiny_model_path
+    from clp_ray.config.moe_spec import MoESpec
+    from clp_ray.loss.objective import CLPObjective
+    from clp_ray.loss.settings import LossSettings
+    from clp_ray.model.embedder import Embedder
+    from clp_ray.model.moe import apply_spec, apply_train_only
+    from clp_ray.model.tiny import tiny_model_path
 
     cfg = load_config("hi", None, [f"moe.train_only={train_only}", f"data.train_group_size={args.group}",
                                    f"train.per_device_batch_size={args.queries}", f"ray.use_gpu={args.device == 'cuda'}",
@@ -76,7 +77,7 @@ def build_objective(args, train_only: str):
     if cfg.moe.enabled:
         apply_spec(emb.encoder, MoESpec.from_config(cfg.moe))
     apply_train_only(emb, train_only, layers=cfg.moe.layers, site=cfg.moe.site)
-    return cfg, CLPObjective(emb, cfg.loss.temperature, cfg.loss.lam, cfg.loss.cross_device_negatives)
+    return cfg, CLPObjective(emb, LossSettings.from_config(cfg))
 
 
 def batch(args, collate, step: int):

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from clp_ray.atomic import write_json
 from clp_ray.cli import add_summary_arg
+from clp_ray.util.atomic import write_json
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.disable(logging.WARNING)
@@ -39,7 +39,7 @@ logging.disable(logging.WARNING)
 def build_backbone(out: Path) -> Path:
     from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaModel
 
-    from clp_ray.tiny import tiny_model_path
+    from clp_ray.model.tiny import tiny_model_path
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path())
     cfg = XLMRobertaConfig(vocab_size=len(tok), hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
@@ -60,14 +60,16 @@ def load_records(n: int) -> list[dict]:
 
 def clp_ray_rate(backbone: Path, records: list[dict], args, lam: float) -> float:
     from clp_ray.data import Collator, sample_group
-    from clp_ray.modeling import Embedder
-    from clp_ray.objective import CLPObjective
+    from clp_ray.loss.objective import CLPObjective
+    from clp_ray.loss.settings import LossSettings
+    from clp_ray.model.embedder import Embedder
+    from clp_ray.model.settings import EmbedSettings
 
     torch.manual_seed(0)
     emb = Embedder.from_pretrained(backbone, pooling="mean", query_max_len=32, passage_max_len=128)
-    module = CLPObjective(emb, temperature=0.05, lam=lam, cross_device=False).train()
+    module = CLPObjective(emb, LossSettings(temperature=0.05, lam=lam, cross_device=False)).train()
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    collate = Collator(emb.tokenizer, 32, 128, bucket_size=args.bucket)
+    collate = Collator(emb.tokenizer, EmbedSettings(query_max_len=32, passage_max_len=128), bucket_size=args.bucket)
     times = []
     for step in range(args.warmup + args.steps):
         chunk = records[(step * args.batch) % len(records):][: args.batch]

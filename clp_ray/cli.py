@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
-from clp_ray.atomic import check_writable, write_json
 from clp_ray.config import ExperimentConfig, known_profiles, load_config
 from clp_ray.errors import ClpRayError, ConfigError, JobInterrupted
-from clp_ray.redact import install_log_filter, redact, redact_obj
+from clp_ray.util.atomic import check_writable, write_json
+from clp_ray.util.redact import install_log_filter, redact, redact_obj
 
 EXIT_USER_ERROR = 2
 

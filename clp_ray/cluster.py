@@ -38,7 +38,7 @@ import yaml
 # Ray's own cluster-config validation has no public API; these two functions are what `ray up` runs.
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from clp_ray import bounded_yaml
+from clp_ray.util import bounded_yaml
 
 PRIVATE_PORTS = {8265: "dashboard / job API", 6379: "GCS", 10001: "Ray client", 8000: "Ray Serve HTTP, unauthenticated"}
 # An ingress is open when it reaches more public addresses than a network of this prefix holds.

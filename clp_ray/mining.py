@@ -31,11 +31,11 @@ import ray.data
 import torch
 from tqdm.auto import tqdm
 
-from clp_ray.atomic import atomic_path
 from clp_ray.config import GeneratorConfig, MiningConfig
 from clp_ray.errors import ClpRayError
 from clp_ray.evaluation import exact_search
-from clp_ray.model_refs import load_model_ref
+from clp_ray.tracking.model_refs import load_model_ref
+from clp_ray.util.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

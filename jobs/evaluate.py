@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clp_ray.atomic import check_writable  # noqa: E402
 from clp_ray.cli import config_from_args, experiment_parser, run_job  # noqa: E402
+from clp_ray.util.atomic import check_writable  # noqa: E402
 
 log = logging.getLogger("clp_ray.evaluate")
 
@@ -28,9 +28,9 @@ def main(args) -> dict:
     # The library (torch, Ray, MLflow) is imported here, not at the top: --help and bad arguments answer at once.
     from clp_ray.errors import ClpRayError
     from clp_ray.evaluation import compare, evaluate_modes, format_metrics, load_beir, model_eval_modes, write_trec_run
-    from clp_ray.model_refs import load_model_ref
-    from clp_ray.output_guard import beir_inputs, check_outputs, model_inputs
-    from clp_ray.tracking import tracking_uri
+    from clp_ray.tracking.model_refs import load_model_ref
+    from clp_ray.tracking.runs import tracking_uri
+    from clp_ray.util.output_guard import beir_inputs, check_outputs, model_inputs
 
     cfg = config_from_args(args)
     data_dir = args.data or cfg.eval.data_dir

@@ -16,19 +16,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clp_ray.atomic import check_writable  # noqa: E402
 from clp_ray.cli import config_from_args, experiment_parser, run_job  # noqa: E402
+from clp_ray.util.atomic import check_writable  # noqa: E402
 
-log = logging.getLogger("clp_ray.export")
-FORMATS = ("sentence-transformers", "onnx")  # clp_ray.export.FORMATS, without importing torch for --help
+log = logging.getLogger("clp_ray.model.export")
+FORMATS = ("sentence-transformers", "onnx")  # clp_ray.model.export.FORMATS, without importing torch for --help
 
 
 def main(args) -> dict:
     from clp_ray.errors import ClpRayError
-    from clp_ray.export import export_model
-    from clp_ray.model_refs import load_model_ref
-    from clp_ray.output_guard import check_outputs, model_inputs
-    from clp_ray.tracking import tracking_uri
+    from clp_ray.model.export import export_model
+    from clp_ray.tracking.model_refs import load_model_ref
+    from clp_ray.tracking.runs import tracking_uri
+    from clp_ray.util.output_guard import check_outputs, model_inputs
 
     out = Path(args.out).absolute()
     if out.exists() and not out.is_dir():

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clp_ray.atomic import check_writable  # noqa: E402
 from clp_ray.cli import config_from_args, experiment_parser, run_job  # noqa: E402
+from clp_ray.util.atomic import check_writable  # noqa: E402
 
 log = logging.getLogger("clp_ray.mine")
 
@@ -27,10 +27,11 @@ def main(args) -> dict:
     from clp_ray.errors import ClpRayError
     from clp_ray.evaluation import load_beir, load_beir_files
     from clp_ray.mining import encode_with_ray_data, mine, search_with_ray_data, write_records
-    from clp_ray.model_refs import load_model_ref, resolve_source
-    from clp_ray.output_guard import beir_inputs, check_outputs, model_inputs
-    from clp_ray.tracking import tracking_uri
+    from clp_ray.model.source import resolve_source
+    from clp_ray.tracking.model_refs import load_model_ref
+    from clp_ray.tracking.runs import tracking_uri
     from clp_ray.train import ensure_ray
+    from clp_ray.util.output_guard import beir_inputs, check_outputs, model_inputs
 
     # A model named with --model gets its own folder's settings; only --set values overrule them.
     cfg = config_from_args(args, model=args.model)
@@ -70,8 +71,8 @@ def main(args) -> dict:
                           chunk_size=cfg.eval.chunk_size, show_progress=True, search=search)
     # The output must pass the training validator before it replaces anything: a failed run leaves
     # the previous file as it was.
-    out = write_records(records, args.out, stats, check=lambda tmp: validate([str(tmp)], lam=0.1, group_size=2))
-    report = validate([str(out)], lam=0.1, group_size=2)  # its content hash, under its own name
+    out = write_records(records, args.out, stats, check=lambda tmp: validate([str(tmp)], require_neg_q=True, group_size=2))
+    report = validate([str(out)], require_neg_q=True, group_size=2)  # its content hash, under its own name
     s = stats.to_dict()
     print(f"\nwrote {out}: {s['written']} records, {s['negatives_per_query']:.2f} negatives per query")
     print(f"neg_q sources: {s['neg_q_from_qrels']} from qrels, {s['neg_q_generated']} generated, "

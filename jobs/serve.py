@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clp_ray.cli import config_from_args, experiment_parser, run_job  # noqa: E402
 
-log = logging.getLogger("clp_ray.serve")
+log = logging.getLogger("clp_ray.serving.app")
 APP_NAME = "clp-ray"
 
 
@@ -41,9 +41,9 @@ def main(args) -> dict:
 def serve_until_stopped(cfg, langs: list[str], summary_path) -> dict:
     from ray import serve
 
-    from clp_ray.atomic import write_json
-    from clp_ray.serve import app_for
+    from clp_ray.serving.app import app_for
     from clp_ray.train.run import ensure_ray
+    from clp_ray.util.atomic import write_json
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

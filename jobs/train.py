@@ -20,8 +20,8 @@ log = logging.getLogger("clp_ray.train")
 
 def main(args) -> dict:
     # The library (torch, Ray, MLflow) is imported here, not at the top: --help and bad arguments answer at once.
-    from clp_ray.redact import redact
     from clp_ray.train import run_training
+    from clp_ray.util.redact import redact
 
     cfg = config_from_args(args)
     result = run_training(cfg)

@@ -22,9 +22,9 @@ log = logging.getLogger("clp_ray.tune")
 
 def main(args) -> dict:
     # The library (torch, Ray, MLflow) is imported here, not at the top: --help and bad arguments answer at once.
-    from clp_ray.redact import redact
-    from clp_ray.tracking import tracking_uri
+    from clp_ray.tracking.runs import tracking_uri
     from clp_ray.tune import run_tune_job
+    from clp_ray.util.redact import redact
 
     cfg = config_from_args(args)
     out = run_tune_job(cfg, fresh=args.fresh)

@@ -52,14 +52,14 @@ def ray_cli_env(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_path():
-    from clp_ray.tiny import tiny_model_path
+    from clp_ray.model.tiny import tiny_model_path
 
     return tiny_model_path()
 
 
 @pytest.fixture()
 def tiny_embedder(tiny_path):
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
 
     return Embedder.from_pretrained(tiny_path)
 
@@ -167,8 +167,8 @@ def register_model(tracking_uri: str, folder, name: str = "clp-ray-hi", score: f
     """Log ``folder`` as a new version of ``name`` in the store at ``tracking_uri`` (tagged with
     ``score``; moved to @champion when ``promote``). Returns the version."""
     from clp_ray.config import load_config
-    from clp_ray.registry import log_embedder_model, promote_if_better
-    from clp_ray.tracking import start_run
+    from clp_ray.tracking.registry import log_embedder_model, promote_if_better
+    from clp_ray.tracking.runs import start_run
 
     cfg = load_config(name.rsplit("-", 1)[-1], "tiny", [f"tracking.tracking_uri={tracking_uri}"])
     tracker = start_run(cfg, "registered-by-test")
@@ -182,8 +182,8 @@ def register_model(tracking_uri: str, folder, name: str = "clp-ray-hi", score: f
 def perturbed_moe_folder(path, out, seed: int = 0, layers=(0, -1)):
     """The model at ``path`` upcycled (3 experts) with distinct experts and a random router, saved
     to ``out``: an MoE model whose output differs from the dense one."""
-    from clp_ray.modeling import Embedder
-    from clp_ray.moe import moe_layers
+    from clp_ray.model.embedder import Embedder
+    from clp_ray.model.moe import moe_layers
 
     emb = Embedder.from_pretrained(path)
     emb.upcycle(list(layers), num_experts=3, top_k=1)

@@ -125,7 +125,7 @@ def test_ablation_end_to_end_numbers_and_resume(tmp_path, small_data):
 
     from clp_ray.ablation import run_ablation_job
     from clp_ray.evaluation import evaluate, load_beir
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
     from clp_ray.train import ensure_ray
 
     sets = [f"data.train_paths=[{small_data}]", "data.train_group_size=2", "train.per_device_batch_size=4",
@@ -211,7 +211,7 @@ def test_no_trained_arm_and_a_repeated_metric_fail_before_any_work(tmp_path):
 @pytest.mark.parametrize("raised, status", [(None, "FINISHED"), (KeyboardInterrupt, "KILLED"), (ValueError, "FAILED")])
 def test_parent_runs_end_with_the_blocks_outcome(raised, status):
     from clp_ray.errors import JobInterrupted
-    from clp_ray.tracking import ending
+    from clp_ray.tracking.runs import ending
 
     class Fake:
         ended = None

@@ -258,7 +258,7 @@ def test_dev_selection_scores_each_set_as_if_evaluated_alone(tmp_path, tiny_path
     assert len(old.queries) == 38 and len(old.corpus) < 200  # the held-out records over their own passages
     assert full.info.source == "qrels" and full.info.corpus_size == len(test.corpus) == 1519 and full.info.queries == 920
     got = bench.score(str(tiny_path), old, full, test, cfg.eval)
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
 
     emb = Embedder.from_pretrained(tiny_path)
     alone = {"records": old, "full_corpus": full.retrieval, "test": test}

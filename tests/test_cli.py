@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from clp_ray.atomic import check_writable
 from clp_ray.cli import EXIT_USER_ERROR, run_job
 from clp_ray.errors import ClpRayError
+from clp_ray.util.atomic import check_writable
 
 
 def test_summary_is_written_atomically_and_kept_on_stdout_when_it_cannot_be(tmp_path, capsys):
@@ -63,10 +63,10 @@ def test_a_local_ray_instance_runs_no_preemption_watcher_unless_asked(monkeypatc
     PreemptionWatcher off, a user's own setting wins, and a cluster address keeps Ray's default."""
     import ray
 
-    from clp_ray.cache import cache_root
     from clp_ray.config import load_config
     from clp_ray.train import ensure_ray
     from clp_ray.train.run import extensions_dir
+    from clp_ray.util.cache import cache_root
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -1,10 +1,15 @@
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from clp_ray.config import ExperimentConfig, default_config_dir, load_config
 from clp_ray.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -154,3 +159,25 @@ def test_a_huge_number_in_a_config_file_names_the_file(cdir):
     (cdir / "lang" / "hi.yaml").write_text("train:\n  seed: " + "7" * 5000 + "\n")
     with pytest.raises(ConfigError, match=r"lang/hi.yaml: unusable value: Exceeds the limit"):
         load_config("hi", "tiny", config_dir=cdir)
+
+
+class _Documented(BaseModel):
+    a: int = 1  # beside
+    # above, line one
+    # and line two
+    b: str = "x"
+    c: float = 0.5
+
+
+def test_the_config_reference_is_current_and_every_key_has_a_comment():
+    from clp_ray.config.reference import PAGE, field_comments, missing_comments, rows
+
+    assert field_comments(_Documented) == {"a": "beside", "b": "above, line one and line two", "c": ""}
+    assert missing_comments() == []
+    keys = [k for k, *_ in rows(ExperimentConfig)]
+    assert {"loss.lam", "loss.temperature", "moe.router.balance_coef", "eval.dev_source", "lang"} <= set(keys)
+    page = PAGE.read_text()
+    assert all(f"| `{k}` |" in page or f"\n## `{k}`\n" in page for k in keys)
+    assert "| `loss.lam` | `float` | `0.1` | CLP weight λ" in page
+    p = subprocess.run([sys.executable, "-m", "clp_ray.config.reference", "--check"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr

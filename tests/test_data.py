@@ -15,6 +15,7 @@ from clp_ray.data import (
     validate,
 )
 from clp_ray.errors import DataError
+from clp_ray.model.settings import EmbedSettings
 
 GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"], "neg_q": ["nq1", "nq2"]}
 
@@ -34,7 +35,7 @@ BAD_LINES = [
     (json.dumps({**GOOD, "neg_scores": ["a", "b"]}).encode(), "neg_scores: must be a list of numbers"),
     ('{"query": "caf\xe9"}'.encode("latin-1"), "<line>: invalid UTF-8 at byte 14"),
     (json.dumps({k: v for k, v in GOOD.items() if k != "neg_q"}).encode(),
-     "neg_q: missing while loss.lam = 0.1 > 0 (set lam to 0 for plain contrastive data)"),
+     "neg_q: missing while loss.lam > 0 (set lam to 0 for plain contrastive data)"),
     (LONG, f"<line>: line is {len(LONG) + 1} bytes, longer than data.max_line_bytes = 200"),
 ]
 
@@ -55,7 +56,7 @@ def mixed(tmp_path):
 
 def test_every_bad_record_kind_under_error(mixed):
     with pytest.raises(DataError) as e:
-        validate([str(mixed)], lam=0.1, group_size=3, max_line_bytes=200)
+        validate([str(mixed)], require_neg_q=True, group_size=3, max_line_bytes=200)
     msg = str(e.value)
     assert msg.startswith(f"{len(BAD_LINES)} bad record(s) in the training data")
     for i, (_, expected) in enumerate(BAD_LINES):
@@ -74,7 +75,7 @@ def test_error_lists_first_20_and_total(tmp_path):
 
 def test_skip_writes_rejects_and_keeps_good_records(mixed, tmp_path):
     rejects = tmp_path / "out" / "rejects.jsonl"
-    report = validate([str(mixed)], lam=0.1, group_size=3, max_line_bytes=200, on_bad_record="skip", rejects_path=rejects)
+    report = validate([str(mixed)], require_neg_q=True, group_size=3, max_line_bytes=200, on_bad_record="skip", rejects_path=rejects)
     assert (report.good, report.bad, report.blank_lines) == (len(BAD_LINES) + 1, len(BAD_LINES), 1)
     rows = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert [f"{r['field']}: {r['reason']}" for r in rows] == [exp for _, exp in BAD_LINES]
@@ -94,19 +95,19 @@ def test_good_file_round_trips_through_datasets(tmp_path):
     f = tmp_path / "d" / "a.jsonl"
     f.parent.mkdir()
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
-    report = validate([str(f.parent)], lam=0.2)  # a folder works too
-    ds = load_records(report, lam=0.2, group_size=2, max_line_bytes=10**6, cache_dir=str(tmp_path / "cache"))
+    report = validate([str(f.parent)], require_neg_q=True)  # a folder works too
+    ds = load_records(report, require_neg_q=True, group_size=2, max_line_bytes=10**6, cache_dir=str(tmp_path / "cache"))
     assert len(ds) == 8
     for rec, row in zip(records, ds):
         for key in ("query", "pos", "neg", "neg_q"):
             assert row[key] == rec[key]
         assert row["pos_scores"] == pytest.approx(rec.get("pos_scores", []))
     # Same bytes -> same hash; changed bytes -> new hash (and a new datasets cache entry).
-    assert validate([str(f)], lam=0.2).content_hash == report.content_hash
+    assert validate([str(f)], require_neg_q=True).content_hash == report.content_hash
     f.write_text(f.read_text().replace("질문 0", "질문 zero"), encoding="utf-8")
-    report2 = validate([str(f)], lam=0.2)
+    report2 = validate([str(f)], require_neg_q=True)
     assert report2.content_hash != report.content_hash
-    ds2 = load_records(report2, lam=0.2, group_size=2, max_line_bytes=10**6, cache_dir=str(tmp_path / "cache"))
+    ds2 = load_records(report2, require_neg_q=True, group_size=2, max_line_bytes=10**6, cache_dir=str(tmp_path / "cache"))
     assert ds2[0]["query"] == "질문 zero"
 
 
@@ -156,7 +157,7 @@ def test_groups_keep_neg_q_aligned_and_are_deterministic():
 def test_collator_batches_align(tiny_embedder):
     recs = _aligned_records(3)
     groups = [sample_group(r, 3, seed=0, epoch=0, index=i) for i, r in enumerate(recs)]
-    batch = Collator(tiny_embedder.tokenizer, 8, 16)(groups)
+    batch = Collator(tiny_embedder.tokenizer, EmbedSettings(query_max_len=8, passage_max_len=16))(groups)
     assert batch["query"]["input_ids"].shape[0] == 3
     assert batch["passage"]["input_ids"].shape[0] == 9 and batch["passage"]["input_ids"].shape[1] <= 16
     assert batch["neg_query"]["input_ids"].shape[0] == 6 and batch["group_size"] == 3
@@ -166,15 +167,16 @@ def test_collator_batches_align(tiny_embedder):
 
 
 def test_length_buckets_give_the_same_embeddings_with_less_padding(tiny_embedder):
-    from clp_ray.objective import CLPObjective
+    from clp_ray.loss.objective import CLPObjective
+    from clp_ray.loss.settings import LossSettings
 
     groups = [sample_group(r, 4, seed=0, epoch=0, index=i) for i, r in enumerate(_aligned_records(3))]
     groups[0].passages[1] = "a much longer negative passage " * 6
-    plain = Collator(tiny_embedder.tokenizer, 16, 64)(groups)["passage"]
-    buck = Collator(tiny_embedder.tokenizer, 16, 64, bucket_size=4)(groups)["passage"]
+    plain = Collator(tiny_embedder.tokenizer, EmbedSettings(query_max_len=16, passage_max_len=64))(groups)["passage"]
+    buck = Collator(tiny_embedder.tokenizer, EmbedSettings(query_max_len=16, passage_max_len=64), bucket_size=4)(groups)["passage"]
     assert sum(c["input_ids"].numel() for c in buck.chunks) < plain["input_ids"].numel()
     assert buck.num_tokens == int(plain["attention_mask"].sum())
-    module = CLPObjective(tiny_embedder.eval(), 0.05, 0.0, False)
+    module = CLPObjective(tiny_embedder.eval(), LossSettings(temperature=0.05, lam=0.0, cross_device=False))
     with torch.no_grad():
         torch.testing.assert_close(module.encode(buck).emb, module.encode(plain).emb, rtol=0, atol=1e-5)
 
@@ -211,8 +213,8 @@ def test_document_disjoint_dev_split_shares_no_positive_with_training():
     training positives (the dev metric rewards memorised pages); split by document, none does."""
     from clp_ray.config import resolve_path
 
-    report = validate([resolve_path("pkg://ko_help/train.jsonl")], lam=0.1, group_size=2)
-    ds = load_records(report, lam=0.1, group_size=2, max_line_bytes=1_000_000)
+    report = validate([resolve_path("pkg://ko_help/train.jsonl")], require_neg_q=True, group_size=2)
+    ds = load_records(report, require_neg_q=True, group_size=2, max_line_bytes=1_000_000)
     train_q, dev_q = split_train_dev(ds, 0.2, seed=42, by="queries")
     assert {p for ps in dev_q["pos"] for p in ps} & {p for ps in train_q["pos"] for p in ps}  # the leak
     train, dev = split_train_dev(ds, 0.2, seed=42, by="documents")
@@ -229,7 +231,7 @@ def test_bundled_sample_is_valid_and_document_disjoint():
     from clp_ray.config import resolve_path
     from clp_ray.evaluation import load_beir
 
-    report = validate([resolve_path("pkg://ko_help/train.jsonl")], lam=0.1, group_size=4)
+    report = validate([resolve_path("pkg://ko_help/train.jsonl")], require_neg_q=True, group_size=4)
     assert report.bad == 0 and report.good >= 300
     dev, test = load_beir("pkg://ko_help", "dev"), load_beir("pkg://ko_help", "test")
     dev_docs = {d for q in dev.qrels.values() for d in q}

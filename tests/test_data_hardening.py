@@ -35,15 +35,15 @@ def reasons(report):
 ])
 def test_values_python_or_arrow_cannot_hold_are_reported(tmp_path, line, expected):
     path = write(tmp_path / "t.jsonl", [G, line])
-    report = validate([str(path)], lam=0.1, group_size=2, max_line_bytes=10**6, on_bad_record="skip")
+    report = validate([str(path)], require_neg_q=True, group_size=2, max_line_bytes=10**6, on_bad_record="skip")
     assert report.good == 1 and len(report.problems) == 1
     assert reasons(report)[0].startswith("2: ") and expected in reasons(report)[0]
-    assert len(load_records(report, lam=0.1, group_size=2, max_line_bytes=10**6, cache_dir=str(tmp_path / "c"))) == 1
+    assert len(load_records(report, require_neg_q=True, group_size=2, max_line_bytes=10**6, cache_dir=str(tmp_path / "c"))) == 1
 
 
 def test_a_byte_order_mark_does_not_reject_the_first_record(tmp_path):
     path = write(tmp_path / "t.jsonl", [b"\xef\xbb\xbf" + G, G.replace(b'"q"', b'"q2"')])
-    report = validate([str(path)], lam=0.1, group_size=2)
+    report = validate([str(path)], require_neg_q=True, group_size=2)
     assert report.good == 2 and report.bad == 0
 
 
@@ -52,7 +52,7 @@ def test_rejects_keep_every_rejected_byte(tmp_path):
     long_line = json.dumps({**GOOD, "query": "x" * 5000}).encode()
     path = write(tmp_path / "t.jsonl", [G, invalid, long_line, b"not json"])
     rejects = tmp_path / "rejects.jsonl"
-    report = validate([str(path)], lam=0.1, group_size=2, max_line_bytes=1000, on_bad_record="skip", rejects_path=rejects)
+    report = validate([str(path)], require_neg_q=True, group_size=2, max_line_bytes=1000, on_bad_record="skip", rejects_path=rejects)
     assert report.bad == 3
     rows = {r["line"]: r for r in map(json.loads, rejects.read_text(encoding="utf-8").splitlines())}
     assert base64.b64decode(rows[2]["raw_base64"]) == invalid + b"\n" and "raw" not in rows[2]  # not UTF-8
@@ -64,7 +64,7 @@ def test_rejects_keep_every_rejected_byte(tmp_path):
 def test_duplicates_are_counted_and_kept_dropped_or_rejected(tmp_path, caplog):
     other = G.replace(b'"q"', b'"other"')
     a = write(tmp_path / "a.jsonl", [G, other, G])
-    kw = {"lam": 0.1, "group_size": 2}
+    kw = {"require_neg_q": True, "group_size": 2}
     with caplog.at_level(logging.WARNING, logger="clp_ray.data"):
         keep = validate([str(a), str(a)], **kw)  # the same file given twice, plus a repeated line
     assert (keep.good, keep.duplicates) == (6, 4) and "4 record(s) are duplicates" in caplog.text
@@ -81,11 +81,11 @@ def test_gzip_files_are_read_and_misnamed_ones_are_explained(tmp_path):
     with gzip.open(folder / "part-0.jsonl.gz", "wb") as f:
         f.write(G + b"\n")
     write(folder / "part-1.jsonl", [G.replace(b'"q"', b'"q1"')])
-    report = validate([str(folder)], lam=0.1, group_size=2)
+    report = validate([str(folder)], require_neg_q=True, group_size=2)
     assert report.good == 2 and [f.rsplit("/", 1)[-1] for f in report.files] == ["part-0.jsonl.gz", "part-1.jsonl"]
     (tmp_path / "packed.jsonl").write_bytes(gzip.compress(G + b"\n"))
     with pytest.raises(DataError, match=r"packed.jsonl:0: <file>: gzip-compressed data in a file not named \*.gz"):
-        validate([str(tmp_path / "packed.jsonl")], lam=0.1, group_size=2)
+        validate([str(tmp_path / "packed.jsonl")], require_neg_q=True, group_size=2)
 
 
 def test_cli_policy_and_rejects_flags(tmp_path):

@@ -1,5 +1,5 @@
-"""The dev set that selection runs on (clp_ray/dev_set.py): full-corpus, never trained on, never
-the test split; and the bundled samples' languages (clp_ray/samples.py)."""
+"""The dev set that selection runs on (clp_ray/evaluation/dev_set.py): full-corpus, never trained on, never
+the test split; and the bundled samples' languages (clp_ray/data/samples.py)."""
 
 import json
 import shutil
@@ -16,12 +16,12 @@ from clp_ray.evaluation import load_beir
 def records_of(cfg):
     from clp_ray.data import load_records, validate
 
-    report = validate(cfg.data.train_paths, lam=cfg.loss.lam, group_size=cfg.data.train_group_size)
-    return load_records(report, lam=cfg.loss.lam, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
+    report = validate(cfg.data.train_paths, require_neg_q=cfg.loss.lam > 0, group_size=cfg.data.train_group_size)
+    return load_records(report, require_neg_q=cfg.loss.lam > 0, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
 
 
 def dev_of(cfg):
-    from clp_ray.dev_set import build_dev_set, training_split
+    from clp_ray.evaluation.dev_set import build_dev_set, training_split
 
     train, heldout = training_split(records_of(cfg), cfg)
     return train, heldout, build_dev_set(cfg, train, heldout)
@@ -70,7 +70,7 @@ def test_heldout_queries_are_searched_against_the_corpus_plus_training_passages(
 
 def test_the_old_records_only_dev_set_is_what_this_replaces():
     """Today's dev set is ~40 queries over the few passages of their own records."""
-    from clp_ray.data import dev_retrieval_set
+    from clp_ray.evaluation.dev_set import dev_retrieval_set
 
     cfg = load_config("ko", "local", ["eval.dev_source=heldout"])
     _, heldout, dev = dev_of(cfg)
@@ -79,7 +79,7 @@ def test_the_old_records_only_dev_set_is_what_this_replaces():
 
 
 def test_auto_source_and_its_guards(tmp_path):
-    from clp_ray.dev_set import resolve_dev_source
+    from clp_ray.evaluation.dev_set import resolve_dev_source
 
     assert resolve_dev_source(load_config("ko", "tiny")) == "qrels"
     # No dev qrels in the evaluation folder: held-out records.
@@ -119,7 +119,7 @@ def test_dev_queries_that_are_training_queries_are_left_out(tmp_path):
 
 
 def test_corpus_sample_keeps_every_judged_passage_seeded():
-    from clp_ray.dev_set import sample_corpus
+    from clp_ray.evaluation.dev_set import sample_corpus
 
     cfg = load_config("ko", "tiny", ["eval.dev_corpus_sample=300"])
     _, _, dev = dev_of(cfg)
@@ -144,7 +144,7 @@ def test_prepare_records_the_dev_set(tmp_path):
 
 
 def test_a_bundled_sample_is_used_only_for_its_language(tmp_path):
-    from clp_ray.samples import bundled_samples, check_data_language
+    from clp_ray.data.samples import bundled_samples, check_data_language
 
     assert [(s.name, s.lang) for s in bundled_samples()] == [("ko_help", "ko")]
     check_data_language(load_config("ko", "local"))
@@ -176,8 +176,8 @@ def _rank(rank, world, port, tiny_path, texts, results):
 
     import torch.distributed as dist
 
-    from clp_ray.modeling import Embedder
-    from clp_ray.rank_encode import RankShardedEncoder
+    from clp_ray.evaluation.rank_encode import RankShardedEncoder
+    from clp_ray.model.embedder import Embedder
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -192,7 +192,7 @@ def test_rank_sharded_encoding_equals_encoding_everything(tiny_path):
 
     import torch.multiprocessing as mp
 
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
 
     texts = list(load_beir("pkg://ko_help", "dev").corpus.values())[:37]  # not a multiple of the batch or the world
     with socket.socket() as s:
@@ -208,7 +208,7 @@ def test_rank_sharded_encoding_equals_encoding_everything(tiny_path):
 
 
 def test_a_dev_set_with_no_queries_left_is_an_error(tmp_path):
-    from clp_ray.dev_set import _without_trained_queries
+    from clp_ray.evaluation.dev_set import _without_trained_queries
 
     dev = load_beir("pkg://ko_help", "dev")
     with pytest.raises(DataError, match="every one of its 920 queries is also a training query"):

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from clp_ray.config import ModelConfig, MoEConfig, TinyModelConfig
-from clp_ray.model_refs import load_embedder
-from clp_ray.modeling import Embedder
-from clp_ray.tiny import tiny_model_path
+from clp_ray.model.embedder import Embedder
+from clp_ray.model.source import load_embedder
+from clp_ray.model.tiny import tiny_model_path
 
 TEXTS = ["셀 보호 해제", "Insert rows above", "페이지 번호 삽입하기", "a much longer passage " * 20]
 
@@ -100,7 +100,7 @@ def test_absolute_model_ref(tiny_path, tmp_path, monkeypatch):
     import shutil
 
     from clp_ray.errors import ClpRayError
-    from clp_ray.model_refs import absolute_model_ref
+    from clp_ray.model.source import absolute_model_ref
 
     shutil.copytree(tiny_path, tmp_path / "m")
     (tmp_path / "empty").mkdir()
@@ -115,9 +115,9 @@ def test_absolute_model_ref(tiny_path, tmp_path, monkeypatch):
 
 
 def test_module_level_upcycle_is_saved_and_restored(tiny_embedder, tmp_path):
-    """An encoder upcycled behind the Embedder's back (clp_ray.moe.upcycle) saves its MoE layout:
+    """An encoder upcycled behind the Embedder's back (clp_ray.model.moe.upcycle) saves its MoE layout:
     it used to write moe: null, and the reload got a freshly random FFN Linear."""
-    from clp_ray.moe import moe_layers, upcycle
+    from clp_ray.model.moe import moe_layers, upcycle
 
     upcycle(tiny_embedder.encoder, [-1], num_experts=2, top_k=1, balance_coef=0.02)
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def test_weights_that_do_not_match_the_model_fail_naming_them(tiny_embedder, tmp
     from safetensors.torch import load_file, save_file
 
     from clp_ray.errors import ClpRayError
-    from clp_ray.moe import upcycle
+    from clp_ray.model.moe import upcycle
 
     dense = tiny_embedder.save_pretrained(tmp_path / "dense")
     weights = dense / "model.safetensors"

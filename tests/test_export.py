@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import perturbed_moe_folder, register_model, run_in_process
 
-from clp_ray.modeling import Embedder
+from clp_ray.model.embedder import Embedder
 
 # Other texts than the export's own probes; a batch of one, and a text truncated at the max length.
 TEXTS = ["행 삽입", "Protect a sheet with a password", "数据透视表 " * 60]
@@ -77,8 +77,8 @@ def test_exports_carry_bge_m3_heads_and_onnx_returns_their_outputs(tmp_path):
     import torch
 
     from clp_ray.config import TinyModelConfig
-    from clp_ray.m3 import HEAD_FILES, lexical_weights, sparse_vectors, unused_token_ids
-    from clp_ray.tiny import tiny_model_path
+    from clp_ray.model.m3 import HEAD_FILES, lexical_weights, sparse_vectors, unused_token_ids
+    from clp_ray.model.tiny import tiny_model_path
 
     src = tiny_model_path(TinyModelConfig(m3_heads=True))
     emb = Embedder.from_pretrained(src)

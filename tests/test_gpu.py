@@ -31,7 +31,7 @@ def exact_fp32():
 
 
 def moe_layer(d_in=64, d_out=256, experts=4, k=1, seed=0):
-    from clp_ray.moe import MoEFeedForward
+    from clp_ray.model.moe import MoEFeedForward
 
     torch.manual_seed(seed)
     layer = MoEFeedForward(nn.Linear(d_in, d_out), experts, k)
@@ -65,7 +65,7 @@ def routed_inputs(layer, k: int, n: int, dtype: torch.dtype, seed: int):
 
 def dispatch_grads(layer, inputs, device, dtype):
     """``dispatch``'s output on ``device`` in ``dtype`` and its gradients by name (x, gates, experts)."""
-    from clp_ray.moe import dispatch
+    from clp_ray.model.moe import dispatch
 
     top_i, gates, x, upstream = inputs
     exps = copy.deepcopy(layer.experts).to(device, dtype)
@@ -133,7 +133,8 @@ def test_moe_layer_waits_for_the_gpu_once_per_forward_and_backward(k):
     """The per-expert row counts are read back to the host once per forward (the expert loop
     needs them); nothing else waits for the GPU: not the routing, not the router losses over a
     padding mask, not the backward. Each wait stalls the GPU until the host catches up."""
-    from clp_ray.moe import router_loss, token_mask
+    from clp_ray.loss.router import router_loss
+    from clp_ray.model.moe import token_mask
 
     layer = moe_layer(k=k).cuda()
     x = torch.randn(4, 96, layer.in_features, device="cuda", requires_grad=True)
@@ -168,7 +169,7 @@ def test_upcycled_embedder_equals_dense_and_cpu_on_gpu(tiny_embedder):
 
 
 def test_clp_loss_and_gradients_on_gpu_equal_float64_cpu():
-    from clp_ray.losses import clp_loss
+    from clp_ray.loss.clp import clp_loss
 
     b, g_size, d = 3, 5, 32
     torch.manual_seed(0)
@@ -229,10 +230,11 @@ def test_deepspeed_bf16_engine_trains_only_moe_and_saves_it_on_gpu(stage, nccl_g
     import deepspeed
 
     from clp_ray.config import load_config
-    from clp_ray.model_refs import load_embedder
-    from clp_ray.modeling import Embedder
-    from clp_ray.moe import apply_train_only, moe_layers
-    from clp_ray.objective import CLPObjective
+    from clp_ray.loss.objective import CLPObjective
+    from clp_ray.loss.settings import LossSettings
+    from clp_ray.model.embedder import Embedder
+    from clp_ray.model.moe import apply_train_only, moe_layers
+    from clp_ray.model.source import load_embedder
     from clp_ray.train import build_engine, deepspeed_config, save_final_model
     from clp_ray.train.engine import to_device
 
@@ -246,7 +248,7 @@ def test_deepspeed_bf16_engine_trains_only_moe_and_saves_it_on_gpu(stage, nccl_g
     before = {n: p.detach().clone() for n, p in embedder.named_parameters()}
     trained = {n for n, p in embedder.named_parameters() if p.requires_grad}
     assert trained and all(".dense.experts." in n or ".dense.router." in n for n in trained)
-    module = CLPObjective(embedder, cfg.loss.temperature, cfg.loss.lam, cross_device=True)
+    module = CLPObjective(embedder, LossSettings.from_config(cfg))
     ds = deepspeed_config(cfg, world_size=1)
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == stage
     steps = 12
@@ -293,8 +295,9 @@ def test_deepspeed_bf16_engine_trains_only_moe_and_saves_it_on_gpu(stage, nccl_g
 def test_grad_cache_gradients_on_gpu_in_bf16_match_the_uncached_objective(tiny_path):
     """bf16 on the GPU: cached and uncached gradients agree to bf16 rounding (the fp32 CPU test holds
     them to 1e-5)."""
-    from clp_ray.modeling import Embedder
-    from clp_ray.objective import CLPObjective
+    from clp_ray.loss.objective import CLPObjective
+    from clp_ray.loss.settings import LossSettings
+    from clp_ray.model.embedder import Embedder
 
     emb = Embedder.from_pretrained(tiny_path)
     emb.upcycle([0], num_experts=2)
@@ -305,7 +308,7 @@ def test_grad_cache_gradients_on_gpu_in_bf16_match_the_uncached_objective(tiny_p
     grads = []
     for chunk in (None, 3):
         emb.zero_grad(set_to_none=True)
-        CLPObjective(emb, 0.05, 0.1, cross_device=False, chunk_size=chunk)(q, p, nq).loss.backward()
+        CLPObjective(emb, LossSettings(temperature=0.05, lam=0.1, cross_device=False), chunk_size=chunk)(q, p, nq).loss.backward()
         grads.append({n: t.grad.float() for n, t in emb.named_parameters() if t.grad is not None})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=0.05, atol=2e-3, msg=name)
@@ -316,10 +319,10 @@ def test_m3_modes_and_unified_loss_on_gpu_in_bf16_match_the_cpu():
     unified loss in bf16 reaching the heads with finite gradients."""
     from clp_ray.config import TinyModelConfig
     from clp_ray.data import Collator, Group
-    from clp_ray.m3_loss import M3LossSettings
-    from clp_ray.modeling import Embedder
-    from clp_ray.objective import CLPObjective
-    from clp_ray.tiny import tiny_model_path
+    from clp_ray.loss.objective import CLPObjective
+    from clp_ray.loss.settings import LossSettings
+    from clp_ray.model.embedder import Embedder
+    from clp_ray.model.tiny import tiny_model_path
 
     path = tiny_model_path(TinyModelConfig(m3_heads=True))
     cpu = Embedder.from_pretrained(path).encode(TEXTS, output=("sparse", "colbert"))
@@ -331,7 +334,7 @@ def test_m3_modes_and_unified_loss_on_gpu_in_bf16_match_the_cpu():
     model = gpu_model.to(torch.bfloat16).train()
     groups = [Group(f"{t} ?", [t, TEXTS[(i + 1) % len(TEXTS)]], [TEXTS[(i + 2) % len(TEXTS)]]) for i, t in enumerate(TEXTS)]
     batch = Collator.for_embedder(model, 2)(groups)
-    obj = CLPObjective(model, 0.05, 0.1, False, m3=M3LossSettings(temperature=0.05, lam=0.1, cross_device=False))
+    obj = CLPObjective(model, LossSettings(temperature=0.05, lam=0.1, cross_device=False, unified=True))
     out = obj(*(batch[k].to("cuda") for k in ("query", "passage", "neg_query")))
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from clp_ray.config import resolve_path
-from clp_ray.modeling import Embedder
-from clp_ray.moe import moe_layers
-from clp_ray.objective import CLPObjective
+from clp_ray.loss.objective import CLPObjective
+from clp_ray.loss.settings import LossSettings
+from clp_ray.model.embedder import Embedder
+from clp_ray.model.moe import moe_layers
 
 B, G = 8, 4
 
@@ -40,7 +41,7 @@ def model(tiny_path, top_k):
 
 
 def grads(emb, inputs, seed, **kw):
-    obj = CLPObjective(emb, temperature=0.05, lam=kw.pop("lam"), cross_device=False, **kw)
+    obj = CLPObjective(emb, LossSettings(temperature=0.05, lam=kw.pop("lam"), cross_device=False), **kw)
     emb.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     out = obj(*inputs)
@@ -97,7 +98,7 @@ def _rank(rank, world, port, tiny_path, results):
     inputs = [{k: v[rank * n:(rank + 1) * n] for k, v in t.items()} for t, n in zip((q, p, nq), shard.values())]
 
     def rank_grads(**kw):
-        obj = CLPObjective(emb, temperature=0.05, lam=0.1, cross_device=True, **kw)
+        obj = CLPObjective(emb, LossSettings(temperature=0.05, lam=0.1, cross_device=True), **kw)
         emb.zero_grad(set_to_none=True)
         out = obj(*inputs)
         out.loss.backward()

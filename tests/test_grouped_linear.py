@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clp_ray.grouped_linear import _column_blocks, grouped_linear
+from clp_ray.model.grouped_linear import _column_blocks, grouped_linear
 
 
 @pytest.fixture

@@ -126,7 +126,7 @@ def _break(folder, how):
     ("meta [1, 2]", "clp_ray.json: must be a JSON object of model settings, got list"),
 ])
 def test_a_broken_model_folder_is_one_message_naming_the_file(folder, how, expected):
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
 
     _break(folder, how)
     with pytest.raises(ClpRayError) as e:
@@ -165,7 +165,7 @@ def test_the_validator_refuses_a_positive_among_negatives_and_the_query_as_neg_q
 
     path = tmp_path / "t.jsonl"
     path.write_text(_line() + "\n" + record + "\n")
-    report = validate([str(path)], lam=0.1, group_size=2, on_bad_record="skip")
+    report = validate([str(path)], require_neg_q=True, group_size=2, on_bad_record="skip")
     assert report.good == 1 and report.bad == 1
     assert f"{report.problems[0].field}: {report.problems[0].reason}".startswith(expected.split(": ")[0])
     assert expected.split(": ", 1)[1] in report.problems[0].reason
@@ -178,7 +178,7 @@ def test_a_fifo_named_jsonl_is_refused_not_read_forever(tmp_path, inside_folder)
     (tmp_path / "good.jsonl").write_text(_line() + "\n")
     os.mkfifo(tmp_path / "pipe.jsonl")
     with pytest.raises(DataError, match="pipe.jsonl: not a regular file"):
-        validate([str(tmp_path if inside_folder else tmp_path / "pipe.jsonl")], lam=0.1, group_size=2)
+        validate([str(tmp_path if inside_folder else tmp_path / "pipe.jsonl")], require_neg_q=True, group_size=2)
 
 
 def test_mining_never_writes_a_negative_identical_to_the_positive(tiny_embedder):
@@ -230,8 +230,8 @@ def test_evaluation_data_checks(tmp_path, caplog):
 
 
 def test_served_and_pyfunc_text_with_a_lone_surrogate_is_a_400_naming_the_item():
-    from clp_ray.pyfunc import BadInput, _as_text_list
-    from clp_ray.serve_api import ApiError, parse_request
+    from clp_ray.serving.openai_api import ApiError, parse_request
+    from clp_ray.tracking.pyfunc import BadInput, _as_text_list
 
     with pytest.raises(BadInput, match="item 1 holds a lone surrogate"):
         _as_text_list(["ok", "bad \ud800"])

@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clp_ray.losses import clp_loss
+from clp_ray.loss.clp import clp_loss
 
 
 def naive_clp(q, p, neg_q, temperature, lam):

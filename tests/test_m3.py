@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from clp_ray.config import TinyModelConfig
 from clp_ray.errors import ClpRayError
-from clp_ray.m3 import COLBERT_FILE, SPARSE_FILE, ModeOutput, colbert_scores, sparse_scores, unused_token_ids
-from clp_ray.modeling import Embedder
+from clp_ray.model.embedder import Embedder
+from clp_ray.model.m3 import COLBERT_FILE, SPARSE_FILE, ModeOutput, colbert_scores, sparse_scores, unused_token_ids
 
 TEXTS = ["셀 보호 해제 방법", "차트 데이터 범위를 바꾸는 방법과 서식 차트 차트", "x", "How do I insert rows above?",
          "피벗 테이블 " * 60]
@@ -23,7 +23,7 @@ TEXTS = ["셀 보호 해제 방법", "차트 데이터 범위를 바꾸는 방�
 
 @pytest.fixture(scope="module")
 def m3_path():
-    from clp_ray.tiny import tiny_model_path
+    from clp_ray.model.tiny import tiny_model_path
 
     return tiny_model_path(TinyModelConfig(m3_heads=True))
 
@@ -147,7 +147,7 @@ def test_hub_ids_download_the_heads_a_repo_without_them_is_dense_and_offline_war
     import huggingface_hub
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    from clp_ray.m3 import load_heads
+    from clp_ray.model.m3 import load_heads
 
     calls = []
 
@@ -164,7 +164,7 @@ def test_hub_ids_download_the_heads_a_repo_without_them_is_dense_and_offline_war
         raise RemoteEntryNotFoundError.__new__(RemoteEntryNotFoundError)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_in_repo)
-    with caplog.at_level("WARNING", logger="clp_ray.m3"):
+    with caplog.at_level("WARNING", logger="clp_ray.model.m3"):
         assert load_heads("intfloat/multilingual-e5-small", m3.dim) is None
     assert not caplog.records
 
@@ -172,7 +172,7 @@ def test_hub_ids_download_the_heads_a_repo_without_them_is_dense_and_offline_war
         raise OSError("cannot reach the hub")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with caplog.at_level("WARNING", logger="clp_ray.m3"):
+    with caplog.at_level("WARNING", logger="clp_ray.model.m3"):
         assert load_heads("BAAI/bge-m3", m3.dim) is None
     assert "cannot fetch sparse_linear.pt (cannot reach the hub): the model loads without its sparse/ColBERT heads" in caplog.text
 
@@ -255,7 +255,7 @@ def small_set():
 
 
 def test_hybrid_scores_are_the_weighted_sum_and_search_is_exact(m3, small_set):
-    from clp_ray.m3_search import ModeReps, exact_mode_search, pair_scores
+    from clp_ray.evaluation.m3_search import ModeReps, exact_mode_search, pair_scores
 
     vocab = m3.encoder.config.vocab_size
     q = ModeReps.from_encoding(m3.encode(list(small_set.queries.values()), kind="query", output=("dense", "sparse", "colbert")), vocab)
@@ -369,11 +369,12 @@ def naive_unified(q, p, nq, b, g, tau, lam, penalty_modes, w, c, distill):
 @pytest.mark.parametrize("penalty_modes,distill", [(("dense",), True), (("dense", "sparse", "colbert"), True),
                                                    (("dense",), False)])
 def test_unified_loss_equals_a_naive_reference(penalty_modes, distill):
-    from clp_ray.m3_loss import M3LossSettings, unified_loss
+    from clp_ray.loss.m3 import unified_loss
+    from clp_ray.loss.settings import LossSettings
 
     q, p, nq, b, g = _batch()
     w = {"dense": 1.0, "sparse": 0.3, "colbert": 1.0}
-    s = M3LossSettings(temperature=0.05, lam=0.2, cross_device=False, penalty_modes=penalty_modes, weights=w,
+    s = LossSettings(temperature=0.05, lam=0.2, cross_device=False, penalty_modes=penalty_modes, weights=w,
                        sparse_loss_weight=0.1, self_distill=distill)
     out = unified_loss(q, p, nq, s)
     want = naive_unified(q, p, nq, b, g, 0.05, 0.2, penalty_modes, w, 0.1, distill)
@@ -388,17 +389,17 @@ def test_unified_loss_equals_a_naive_reference(penalty_modes, distill):
 
 def test_objective_unified_trains_the_heads_and_grad_cache_agrees(m3):
     from clp_ray.data import Collator, Group
-    from clp_ray.m3_loss import M3LossSettings
-    from clp_ray.objective import CLPObjective
+    from clp_ray.loss.objective import CLPObjective
+    from clp_ray.loss.settings import LossSettings
 
     groups = [Group(f"질문 {i} 셀", [f"정답 {i} 셀 보호", f"오답 {i} 차트"], [f"다른 {i}"]) for i in range(5)]
     batch = Collator.for_embedder(m3, 2)(groups)
-    settings = M3LossSettings(temperature=0.05, lam=0.1, cross_device=False)
+    settings = LossSettings(temperature=0.05, lam=0.1, cross_device=False, unified=True)
     m3.train()
     results = []
     for chunk in (None, 2):
         torch.manual_seed(0)
-        obj = CLPObjective(m3, 0.05, 0.1, False, chunk_size=chunk, m3=settings)
+        obj = CLPObjective(m3, settings, chunk_size=chunk)
         out = obj(batch["query"], batch["passage"], batch["neg_query"])
         m3.zero_grad()
         out.loss.backward()
@@ -419,7 +420,7 @@ def test_heads_survive_register_and_pyfunc_bit_identically(m3, m3_path, tiny_pat
     import mlflow
     from conftest import register_model
 
-    from clp_ray.pyfunc import BadInput
+    from clp_ray.tracking.pyfunc import BadInput
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register_model(uri, m3_path)
@@ -443,8 +444,8 @@ def test_heads_survive_register_and_pyfunc_bit_identically(m3, m3_path, tiny_pat
 
 
 def test_serve_encodes_each_output_and_the_request_names_it(m3):
-    from clp_ray.serve import EmbedJob, _encode
-    from clp_ray.serve_api import ApiError, parse_request
+    from clp_ray.serving.app import EmbedJob, _encode
+    from clp_ray.serving.openai_api import ApiError, parse_request
 
     jobs = [EmbedJob("m/1", "query", TEXTS[:2], "sparse"), EmbedJob("m/1", "query", TEXTS[2:], "sparse")]
     got = [e for r in _encode(m3, jobs, "query", 8, "sparse") for e in r.embeddings()]
@@ -459,17 +460,17 @@ def test_serve_encodes_each_output_and_the_request_names_it(m3):
 
 def test_length_buckets_and_chunks_give_the_same_mode_outputs(m3):
     from clp_ray.data import Collator, Group
-    from clp_ray.m3_loss import M3LossSettings
-    from clp_ray.objective import CLPObjective
+    from clp_ray.loss.objective import CLPObjective
+    from clp_ray.loss.settings import LossSettings
 
     groups = [Group(f"질문 {i}", [TEXTS[i % len(TEXTS)], TEXTS[(i + 2) % len(TEXTS)]], ["다른"]) for i in range(4)]
-    settings = M3LossSettings(temperature=0.05, lam=0.0, cross_device=False)
+    settings = LossSettings(temperature=0.05, lam=0.0, cross_device=False, unified=True)
     m3.eval()
     outs = []
     for bucket, chunk in ((0, None), (3, None), (0, 3)):
         batch = Collator.for_embedder(m3, bucket)(groups)["passage"]
         with torch.no_grad():
-            outs.append(CLPObjective(m3, 0.05, 0.0, False, chunk_size=chunk, m3=settings).encode(batch).out)
+            outs.append(CLPObjective(m3, settings, chunk_size=chunk).encode(batch).out)
     ref = outs[0]
     for other in outs[1:]:
         assert torch.allclose(other.dense, ref.dense, atol=1e-5) and torch.allclose(other.sparse, ref.sparse, atol=1e-5)

@@ -207,7 +207,7 @@ def test_mine_job_output_validates_and_trains(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads(summary.read_text())
     assert s["written"] > 100 and s["neg_q_from_qrels"] == s["negatives"] and s["negatives_dropped"] > 0
-    report = validate([str(out)], lam=0.1, group_size=2)  # what `python -m clp_ray.data OUT --lam 0.1` checks
+    report = validate([str(out)], require_neg_q=True, group_size=2)  # what `python -m clp_ray.data OUT --lam 0.1` checks
     assert report.bad == 0 and report.good == s["written"]
     # The jobs as on a cluster (Ray up first; in this process to spare two interpreter and Ray starts):
     # the same mining with encoding and search as Ray Data batch jobs, then training on its output.
@@ -240,10 +240,10 @@ def test_ray_data_encoding_and_search_match_local(tiny_path, tmp_path):
     from clp_ray.config import load_config
     from clp_ray.evaluation import exact_search, load_beir
     from clp_ray.mining import encode_with_ray_data, search_with_ray_data
-    from clp_ray.modeling import Embedder
-    from clp_ray.registry import log_embedder_model
-    from clp_ray.tiny import tiny_model_path
-    from clp_ray.tracking import start_run
+    from clp_ray.model.embedder import Embedder
+    from clp_ray.model.tiny import tiny_model_path
+    from clp_ray.tracking.registry import log_embedder_model
+    from clp_ray.tracking.runs import start_run
     from clp_ray.train import ensure_ray
 
     texts = list(load_beir("pkg://ko_help", "dev").corpus.values())[:200]
@@ -316,9 +316,9 @@ def test_a_failed_write_leaves_the_previous_output_untouched(tmp_path):
 
     out = tmp_path / "train.jsonl"
     good = [{"query": "q", "pos": ["p"], "neg": ["n"], "neg_q": ["x"]}]
-    write_records(good, out, check=lambda tmp: validate([str(tmp)], lam=0.1, group_size=2))
+    write_records(good, out, check=lambda tmp: validate([str(tmp)], require_neg_q=True, group_size=2))
     before = out.read_bytes()
     bad = [{"query": "q", "pos": ["p"], "neg": [""], "neg_q": ["x"]}]  # an empty negative fails validation
     with pytest.raises(DataError, match="neg: item 0 is an empty string"):
-        write_records(bad, out, check=lambda tmp: validate([str(tmp)], lam=0.1, group_size=2))
+        write_records(bad, out, check=lambda tmp: validate([str(tmp)], require_neg_q=True, group_size=2))
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]

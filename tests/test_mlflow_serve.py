@@ -13,7 +13,7 @@ import pytest
 from conftest import free_port, http, perturbed_moe_folder, register_model, wait_until_up
 from packaging.requirements import Requirement
 
-from clp_ray.pyfunc import MAX_PREDICT_TEXTS
+from clp_ray.tracking.pyfunc import MAX_PREDICT_TEXTS
 
 TEXTS = ["셀 보호 해제", "Insert rows above", "차트 데이터 범위"]
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     from clp_ray.config import TinyModelConfig
-    from clp_ray.tiny import tiny_model_path
+    from clp_ray.model.tiny import tiny_model_path
 
     root = tmp_path_factory.mktemp("mlflow_serve")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -111,11 +111,12 @@ def test_the_logged_model_carries_its_code_and_installable_pins(store, tmp_path)
         assert r.specifier and r.specifier.contains(version(r.name).split("+")[0]), r
     assert {"torch", "transformers", "mlflow"} <= {r.name for r in reqs}
     code = local / "code" / "clp_ray"
-    assert (code / "pyfunc.py").is_file() and (code / "modeling.py").is_file() and not (code / "assets").exists()
+    assert (code / "tracking" / "pyfunc.py").is_file() and (code / "model" / "embedder.py").is_file()
+    assert not (code / "assets").exists()
     # Loaded in a fresh process, the model's own copy of clp_ray is the one imported.
     script = ("import mlflow\n"
               f"m = mlflow.pyfunc.load_model({str(local)!r})\n"
-              "import clp_ray.pyfunc as p; print(p.__file__)\n"
+              "import clp_ray.tracking.pyfunc as p; print(p.__file__)\n"
               f"print(m.predict({TEXTS!r}).shape)\n")
     p = subprocess.run([sys.executable, "-c", script],
                        capture_output=True, text=True, cwd=tmp_path, timeout=300)

@@ -7,7 +7,7 @@ import pytest
 
 from clp_ray.config import load_config
 from clp_ray.errors import ClpRayError
-from clp_ray.model_settings import EmbedSettings, folder_settings, resolve
+from clp_ray.model.settings import EmbedSettings, folder_settings, resolve
 
 
 def st_folder(root, *, pooling=None, normalize=True, max_seq_length=200, prompts=None, extra_modules=()):

@@ -3,17 +3,16 @@ import torch
 from conftest import make_encoder
 from torch import nn
 
-from clp_ray.losses import clp_loss
-from clp_ray.modeling import Embedder
-from clp_ray.moe import (
+from clp_ray.loss.clp import clp_loss
+from clp_ray.loss.router import router_loss, router_stats
+from clp_ray.model.embedder import Embedder
+from clp_ray.model.moe import (
     MoEFeedForward,
     apply_train_only,
     dispatch,
     dispatch_naive,
     find_encoder_layers,
     moe_layers,
-    router_loss,
-    router_stats,
     token_mask,
     trainable_parameters,
     upcycle,

@@ -1,5 +1,5 @@
 """Outputs never overwrite inputs: every job's output paths go through one guard
-(clp_ray.output_guard), and a refused output leaves every byte of the input as it was."""
+(clp_ray.util.output_guard), and a refused output leaves every byte of the input as it was."""
 
 import hashlib
 import shutil
@@ -10,7 +10,7 @@ from conftest import run_in_process
 
 from clp_ray.config import resolve_path
 from clp_ray.errors import ConfigError
-from clp_ray.output_guard import MARKER, check_outputs, mark_output, written_by
+from clp_ray.util.output_guard import MARKER, check_outputs, mark_output, written_by
 
 
 def digest(folder: Path) -> dict[str, str]:

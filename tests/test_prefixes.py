@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from clp_ray.modeling import Embedder
+from clp_ray.model.embedder import Embedder
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = ["셀 보호 해제", "insert rows above", "차트 데이터 범위"]
@@ -43,11 +43,12 @@ def test_folder_carries_the_prefixes(emb):
 
 def test_training_batches_prefix_queries_passages_and_neg_q(emb):
     from clp_ray.data import Collator, Group
-    from clp_ray.objective import CLPObjective
+    from clp_ray.loss.objective import CLPObjective
+    from clp_ray.loss.settings import LossSettings
 
     groups = [Group(q, [p, PASSAGES[(i + 1) % 3]], [QUERIES[(i + 1) % 3]]) for i, (q, p) in enumerate(zip(QUERIES, PASSAGES))]
     batch = Collator.for_embedder(emb, bucket_size=2)(groups)
-    module = CLPObjective(emb, temperature=0.05, lam=0.1, cross_device=False).eval()
+    module = CLPObjective(emb, LossSettings(temperature=0.05, lam=0.1, cross_device=False)).eval()
     with torch.no_grad():
         q, p, nq = (module.encode(batch[k]).emb for k in ("query", "passage", "neg_query"))
     torch.testing.assert_close(q, by_hand(emb, QUERIES, QP, "query"), rtol=0, atol=1e-5)
@@ -78,8 +79,8 @@ def test_registered_pyfunc_prefixes(prefix_folder, emb, tmp_path, monkeypatch):
     import mlflow
 
     from clp_ray.config import load_config
-    from clp_ray.registry import log_embedder_model
-    from clp_ray.tracking import start_run
+    from clp_ray.tracking.registry import log_embedder_model
+    from clp_ray.tracking.runs import start_run
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config("hi", "tiny", [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from clp_ray.atomic import atomic_path
+from clp_ray.util.atomic import atomic_path
 
 
 def test_outputs_keep_the_mode_of_the_file_they_replace_or_the_umask(tmp_path):
@@ -65,7 +65,7 @@ def test_a_cache_built_twice_at_once_is_never_moved_aside(tmp_path):
 
 
 def test_the_same_checkpoint_copied_twice_at_once(tmp_path):
-    from clp_ray.storage import local_folder
+    from clp_ray.util.storage import local_folder
 
     ckpt = tmp_path / "storage" / "run" / "checkpoint_1"
     (ckpt / "model").mkdir(parents=True)
@@ -81,8 +81,8 @@ def test_the_same_checkpoint_copied_twice_at_once(tmp_path):
 def test_a_second_identical_run_is_refused_while_the_first_runs(tmp_path, small_data):
     from clp_ray.config import load_config
     from clp_ray.errors import ClpRayError
-    from clp_ray.locks import exclusive
     from clp_ray.train import prepare, run_lock, run_training
+    from clp_ray.util.locks import exclusive
 
     cfg = load_config("ko", "tiny", [f"data.train_paths=[{small_data}]", "data.train_group_size=2",
                                      f"train.output_dir={tmp_path / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])

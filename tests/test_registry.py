@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from clp_ray.config import load_config
-from clp_ray.moe import moe_layers
-from clp_ray.registry import load_registered_embedder, log_embedder_model, promote_if_better
-from clp_ray.tracking import start_run
+from clp_ray.model.moe import moe_layers
+from clp_ray.tracking.registry import load_registered_embedder, log_embedder_model, promote_if_better
+from clp_ray.tracking.runs import start_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["셀 보호 해제", "Insert rows above", "차트 데이터 범위"]
@@ -88,7 +88,7 @@ def test_a_model_that_does_not_beat_the_base_model_is_never_promoted(mlflow_cfg,
 
 @pytest.mark.slow
 def test_registered_model_loads_in_a_fresh_process(mlflow_cfg, moe_folder, tmp_path):
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
 
     uri = mlflow_cfg.tracking.tracking_uri
     with warnings.catch_warnings(record=True) as caught:
@@ -143,7 +143,7 @@ def test_check_tracking_fails_fast_with_the_setting(mlflow_cfg, tmp_path, monkey
     import time
 
     from clp_ray.errors import ClpRayError
-    from clp_ray.tracking import check_tracking
+    from clp_ray.tracking.runs import check_tracking
 
     assert check_tracking(mlflow_cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert (tmp_path / "mlflow.db").is_file()

@@ -165,7 +165,7 @@ def test_base_model_test_result_is_cached_per_model_and_set(tmp_path, monkeypatc
 
 
 def test_sets_over_one_corpus_are_scored_from_one_encoding_as_if_alone(tiny_embedder, monkeypatch):
-    import clp_ray.evaluation as ev
+    import clp_ray.evaluation.evaluator as ev
 
     corpus = {"d1": "셀 보호", "d2": "행 삽입", "d3": "차트", "d4": "피벗 표"}
     test = ev.RetrievalSet(corpus, {"q1": "보호", "q2": "삽입"}, {"q1": {"d1": 1}, "q2": {"d2": 1, "d4": 2}}, name="test")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import free_port, http, perturbed_moe_folder, register_model
 
-from clp_ray.modeling import Embedder
+from clp_ray.model.embedder import Embedder
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 1.0
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 def models(tmp_path_factory, tiny_path):
     """hi v1 (dense), ko v1 (MoE with BGE-M3's heads), hi v2 (another MoE, registered but not promoted)."""
     from clp_ray.config import TinyModelConfig
-    from clp_ray.tiny import tiny_model_path
+    from clp_ray.model.tiny import tiny_model_path
 
     root = tmp_path_factory.mktemp("serve")
     uri = f"sqlite:///{root / 'mlflow.db'}"

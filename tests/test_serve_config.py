@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clp_ray.serve import ServeSettings, build_app
-from clp_ray.serve_api import ApiError, parse_request
+from clp_ray.serving.app import ServeSettings, build_app
+from clp_ray.serving.openai_api import ApiError, parse_request
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ def test_the_serve_config_file_is_valid_for_ray_and_builds_the_app(monkeypatch, 
     cfg = yaml.safe_load((ROOT / "configs/serve/serve.yaml").read_text())
     schema = ServeDeploySchema.model_validate(cfg)
     (app_cfg,) = schema.applications
-    assert app_cfg.import_path == "clp_ray.serve:build_app"
+    assert app_cfg.import_path == "clp_ray.serving.app:build_app"
     deployment = build_app(app_cfg.args)._bound_deployment
     settings = deployment.init_args[0]
     assert isinstance(settings, ServeSettings) and settings.models == {"hi": "clp-ray-hi", "ko": "clp-ray-ko"}

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import perturbed_moe_folder
 
-from clp_ray.model_settings import folder_settings
-from clp_ray.modeling import Embedder
+from clp_ray.model.embedder import Embedder
+from clp_ray.model.settings import folder_settings
 
 # One long text: truncation at the query length (8 tokens) and at the passage length (24) differ.
 TEXTS = ["셀 보호 해제", "Insert rows above", "차트 데이터 범위를 바꾸는 방법 " * 12, "x"]
@@ -48,7 +48,7 @@ def test_an_unnormalised_mean_pooled_folder_too(tiny_path, tmp_path):
 
 
 def test_an_moe_folder_loads_through_clp_rays_module(tiny_path, tmp_path):
-    from clp_ray.st_module import MoETransformer
+    from clp_ray.model.st_module import MoETransformer
 
     folder = perturbed_moe_folder(tiny_path, tmp_path / "moe")
     emb = Embedder.from_pretrained(folder, **SETTINGS)

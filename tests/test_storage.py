@@ -1,6 +1,6 @@
 """Run-storage locations: local folders and URIs (s3://, file://) as Ray reports them."""
 
-from clp_ray.storage import folder_exists, join, local_folder, location, move_aside
+from clp_ray.util.storage import folder_exists, join, local_folder, location, move_aside
 
 
 def test_location_and_join_keep_scheme_and_options():

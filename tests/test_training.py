@@ -11,7 +11,7 @@ from conftest import run_in_process
 
 from clp_ray.config import load_config
 from clp_ray.errors import ClpRayError
-from clp_ray.moe import moe_layers
+from clp_ray.model.moe import moe_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.ray]
@@ -37,7 +37,7 @@ def make_cfg(tmp_path, data, *sets):
 
 
 def initial_embedder(cfg):
-    from clp_ray.model_refs import load_embedder
+    from clp_ray.model.source import load_embedder
 
     torch.manual_seed(cfg.train.seed)
     return load_embedder(cfg.model, cfg.moe)
@@ -46,7 +46,7 @@ def initial_embedder(cfg):
 def dev_set_of(cfg):
     """The dev set the trainer is given (the bundled sample's dev queries over its full corpus)."""
     from clp_ray.data import load_records, validate
-    from clp_ray.dev_set import build_dev_set, training_split
+    from clp_ray.evaluation.dev_set import build_dev_set, training_split
 
     report = validate(cfg.data.train_paths, lam=cfg.loss.lam, group_size=cfg.data.train_group_size)
     ds = load_records(report, lam=cfg.loss.lam, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
@@ -56,7 +56,7 @@ def dev_set_of(cfg):
 def dev_metrics_of(model_path, cfg):
     """Re-evaluate a saved model on the exact dev set the trainer used."""
     from clp_ray.evaluation import evaluate
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
 
     dev = dev_set_of(cfg)
     assert dev.info.source == "qrels" and dev.info.corpus_size == 1519  # the full corpus, not the records' passages
@@ -111,7 +111,7 @@ def test_zero_stage_trains_moe_only(stage, tmp_path, small_data, ray_local):
 def test_fault_injection_resume_and_rerun(tmp_path, small_data, ray_local, tiny_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
     from clp_ray.train import run_training
 
     # The model is a relative folder (a copy of the tiny one): the Train workers run in another
@@ -239,7 +239,7 @@ def test_grad_cache_training_ends_with_the_same_weights(stage, tmp_path, small_d
     (tests/test_grad_cache.py checks the replay with it on)."""
     import json
 
-    from clp_ray.modeling import Embedder
+    from clp_ray.model.embedder import Embedder
     from clp_ray.train import run_training
 
     model = tmp_path / "no_dropout"
@@ -276,9 +276,9 @@ def test_m3_heads_keep_under_zero3_and_unified_training(tmp_path, small_data, ra
     model reproduces the hybrid dev metrics the trainer reported."""
     from mlflow import MlflowClient
 
-    from clp_ray.m3 import COLBERT_FILE, SPARSE_FILE
-    from clp_ray.modeling import Embedder
-    from clp_ray.tiny import tiny_model_path
+    from clp_ray.model.embedder import Embedder
+    from clp_ray.model.m3 import COLBERT_FILE, SPARSE_FILE
+    from clp_ray.model.tiny import tiny_model_path
     from clp_ray.train import run_training
 
     source = tiny_model_path(load_config("ko", "tiny", ["model.tiny.m3_heads=true"]).model.tiny)

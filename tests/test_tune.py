@@ -29,7 +29,7 @@ def test_small_sweep_prunes_registers_and_tracks(tmp_path, small_data, monkeypat
     import ray
     from mlflow import MlflowClient
 
-    from clp_ray.tracking import tracking_uri
+    from clp_ray.tracking.runs import tracking_uri
     from clp_ray.train import ensure_ray
     from clp_ray.tune import run_tune_job
 

@@ -20,13 +20,12 @@ from clp_ray.ablation.results import AblationOutcome, ArmResult, RunResult, Trai
 from clp_ray.ablation.runs import train_runs
 from clp_ray.ablation.stats import compare_arms, comparison_pairs
 from clp_ray.config import ExperimentConfig
+from clp_ray.data.samples import check_data_language
 from clp_ray.errors import ConfigError
 from clp_ray.evaluation import RetrievalSet, evaluate_config, format_metrics, load_beir
-from clp_ray.model_refs import load_embedder, num_encoder_layers
-from clp_ray.modeling import Embedder
-from clp_ray.samples import check_data_language
-from clp_ray.storage import local_folder
-from clp_ray.tracking import Tracker, ending, git_commit, resume_or_start_run, start_run
+from clp_ray.model.embedder import Embedder
+from clp_ray.model.source import load_embedder, num_encoder_layers
+from clp_ray.tracking.runs import Tracker, ending, git_commit, resume_or_start_run, start_run
 from clp_ray.train.preflight import (
     PreparedRun,
     check_consistency,
@@ -38,6 +37,7 @@ from clp_ray.train.preflight import (
     run_lock,
 )
 from clp_ray.train.run import ensure_ray
+from clp_ray.util.storage import local_folder
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from clp_ray.ablation.results import ArmResult  # noqa: E402
 from clp_ray.ablation.stats import Comparison  # noqa: E402
-from clp_ray.atomic import atomic_path, write_text  # noqa: E402
+from clp_ray.util.atomic import atomic_path, write_text  # noqa: E402
 
 NAMES = {"ndcg@10": "nDCG@10", "ndcg@5": "nDCG@5", "recall@100": "Recall@100", "mrr@10": "MRR@10"}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from clp_ray.ablation.stats import Comparison, Spread, seed_average, spread
-from clp_ray.atomic import write_json
+from clp_ray.util.atomic import write_json
 
 RESULT_FILE = "result.json"
 TRAINED_FILE = "trained.json"

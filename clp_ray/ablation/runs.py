@@ -19,15 +19,15 @@ from ray.tune import Callback
 from clp_ray.ablation.arms import RunSpec
 from clp_ray.ablation.results import TrainedRun
 from clp_ray.config import ExperimentConfig
-from clp_ray.dev_set import DevSet
 from clp_ray.errors import ClpRayError, JobInterrupted
-from clp_ray.storage import join
-from clp_ray.tracking import Tracker, start_run_retrying, tracking_uri, with_driver_tracking
+from clp_ray.evaluation.dev_set import DevSet
+from clp_ray.tracking.runs import Tracker, start_run_retrying, tracking_uri, with_driver_tracking
 from clp_ray.train.deepspeed_config import deepspeed_config
 from clp_ray.train.payload import DataRef
 from clp_ray.train.preflight import PreparedRun
 from clp_ray.tune.sweep import TRIAL_DRIVER_CPU, trials_that_fit
 from clp_ray.tune.trial import fit_in_trial
+from clp_ray.util.storage import join
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,6 @@
 
 from typing import TYPE_CHECKING
 
-from clp_ray.lazy import lazy_exports
-
 # The light modules eagerly (this also keeps the function ``deepspeed_config`` from being shadowed
 # by its submodule of the same name); the heavy ones on first use.
 from clp_ray.train.deepspeed_config import deepspeed_config as deepspeed_config
@@ -21,6 +19,7 @@ from clp_ray.train.deepspeed_config import resolve_precision as resolve_precisio
 from clp_ray.train.payload import DataRef as DataRef
 from clp_ray.train.payload import TrackingRef as TrackingRef
 from clp_ray.train.payload import WorkerPayload as WorkerPayload
+from clp_ray.util.lazy import lazy_exports
 
 _EXPORTS = {
     "engine": ["build_engine", "save_final_model"],

@@ -16,7 +16,7 @@ from torch import nn
 
 from clp_ray.config import ExperimentConfig
 from clp_ray.data import Bucketed
-from clp_ray.moe import moe_layers, trainable_parameters
+from clp_ray.model.moe import moe_layers, trainable_parameters
 from clp_ray.train.schedule import lr_lambda
 
 
@@ -28,7 +28,7 @@ def build_engine(module: nn.Module, ds_config: dict, cfg: ExperimentConfig, tota
 
     t_cfg = cfg.train
     if ds_config["zero_optimization"]["stage"] == 3:
-        # The MoE layer reads its experts' weights itself (clp_ray.grouped_linear) instead of calling
+        # The MoE layer reads its experts' weights itself (clp_ray.model.grouped_linear) instead of calling
         # the expert modules: ZeRO-3 must gather them whenever the MoE layer runs.
         for _, layer in moe_layers(module):
             for p in layer.experts.parameters():

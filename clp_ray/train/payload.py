@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 from clp_ray.config import ExperimentConfig
 
 if TYPE_CHECKING:  # the payload module imports without torch, datasets or MLflow (tested)
-    from clp_ray.dev_set import DevSet
+    from clp_ray.evaluation.dev_set import DevSet
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class WorkerPayload:
     ds_config: dict
     data: DataRef
     run_dir: str  # the run's folder on the run storage (the fault-injection marker lives there)
+    # Where the workers load the model from, decided on the driver (resolve_model_path): an absolute
+    # folder, a hub id, or "tiny" (built on each node). Workers never resolve it again.
+    model_source: str
     tracking: Optional[TrackingRef] = None
     dev: Optional[DevSet] = None  # the dev set the driver built; None: the worker builds the same one
     dev_init: Optional[dict[str, float]] = None  # the untrained model's dev metrics; None: the worker computes them

@@ -14,23 +14,24 @@ from typing import Any, Optional
 
 import ray
 
-from clp_ray.atomic import check_writable
 from clp_ray.config import ExperimentConfig
 from clp_ray.data import load_records, validate
-from clp_ray.dev_set import DevSet, build_dev_set, resolve_dev_source, training_split
+from clp_ray.data.samples import check_data_language
 from clp_ray.errors import ClpRayError, ConfigError
-from clp_ray.locks import exclusive
-from clp_ray.m3 import HEAD_FILES
-from clp_ray.model_folder import check_max_lengths
-from clp_ray.model_refs import is_moe_folder, num_encoder_layers, resolve_source
-from clp_ray.model_settings import ResolvedSettings, resolve
-from clp_ray.modeling import settings_folder
-from clp_ray.moe import normalize_layer_indices
-from clp_ray.samples import check_data_language
-from clp_ray.storage import filesystem, is_uri, join
-from clp_ray.tracking import check_tracking
+from clp_ray.evaluation.dev_set import DevSet, build_dev_set, resolve_dev_source, training_split
+from clp_ray.loss.settings import LossSettings, needs_hard_negatives
+from clp_ray.model.embedder import settings_folder
+from clp_ray.model.folder import check_max_lengths
+from clp_ray.model.m3 import HEAD_FILES
+from clp_ray.model.moe import normalize_layer_indices
+from clp_ray.model.settings import ResolvedSettings, resolve
+from clp_ray.model.source import is_moe_folder, num_encoder_layers, resolve_source
+from clp_ray.tracking.runs import check_tracking
 from clp_ray.train.deepspeed_config import deepspeed_config
 from clp_ray.train.payload import DataRef
+from clp_ray.util.atomic import check_writable
+from clp_ray.util.locks import exclusive
+from clp_ray.util.storage import filesystem, is_uri, join
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class PreparedRun:
     train_records: int = 0  # after the dev split
     # How the model embeds, resolved on the driver: {"settings": {...}, "sources": {...}}.
     model_settings: dict = field(default_factory=dict)
-    dev: Optional[DevSet] = None  # what selection runs on, built once here (clp_ray/dev_set.py)
+    dev: Optional[DevSet] = None  # what selection runs on, built once here (clp_ray/evaluation/dev_set.py)
     dev_init: Optional[dict[str, float]] = None  # the untrained model's dev metrics, when the driver has them
 
     @property
@@ -120,7 +121,7 @@ def check_resources(cfg: ExperimentConfig) -> None:
 def resolve_model_path(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with ``model.name_or_path`` decided once, on the driver: a local folder made
     absolute (the workers run elsewhere), a hub id the hub cannot serve replaced by its offline
-    rebuild (:func:`clp_ray.model_refs.resolve_source`); ``tiny`` stays symbolic (every worker
+    rebuild (:func:`clp_ray.model.source.resolve_source`); ``tiny`` stays symbolic (every worker
     builds the same seeded model)."""
     if cfg.model.name_or_path == "tiny":
         return cfg
@@ -181,7 +182,7 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     if not cfg.moe.enabled and cfg.moe.train_only == "moe":
         raise ConfigError(f"{cfg.cite('moe.train_only')} trains only MoE layers, but "
                           f"{cfg.cite('moe.enabled')}; use moe.train_only = site, ffn or all")
-    if cfg.data.train_group_size < 2 and cfg.loss.lam > 0:
+    if needs_hard_negatives(cfg.loss.lam, cfg.data.train_group_size):
         raise ConfigError(f"{cfg.cite('loss.lam')} needs hard negatives, but "
                           f"{cfg.cite('data.train_group_size')}: it must be >= 2 (or loss.lam = 0)")
 
@@ -208,7 +209,7 @@ def _validated_data(cfg: ExperimentConfig):
     """The data's validation report (rejects beside the runs of this config, under ``skip``)."""
     d = cfg.data
     rejects = Path(cfg.train.output_dir).resolve() / f"rejects-{cfg.lang}-{cfg.config_hash()}.jsonl"
-    report = validate(d.train_paths, lam=cfg.loss.lam, group_size=d.train_group_size, max_line_bytes=d.max_line_bytes,
+    report = validate(d.train_paths, require_neg_q=LossSettings.from_config(cfg).require_neg_q, group_size=d.train_group_size, max_line_bytes=d.max_line_bytes,
                       on_bad_record=d.on_bad_record, rejects_path=rejects if d.on_bad_record == "skip" else None,
                       on_duplicate=d.on_duplicate)
     log.info("training data: %d good records (%d rejected), content hash %s", report.good, report.bad, report.content_hash)
@@ -228,7 +229,7 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[Callable[[ExperimentConfig,
     report = _validated_data(cfg)
     data = DataRef(tuple(report.files), report.content_hash, cfg.data.on_duplicate)
     # Build the Arrow cache once on the driver; workers on this machine reuse it.
-    records = load_records(data, lam=cfg.loss.lam, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
+    records = load_records(data, require_neg_q=LossSettings.from_config(cfg).require_neg_q, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
     source = resolve_dev_source(cfg)
     train_ds, heldout = training_split(records, cfg, source)
     if len(train_ds) < cfg.ray.num_workers:

@@ -17,13 +17,11 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
-from clp_ray.cache import cache_root
 from clp_ray.config import ExperimentConfig
-from clp_ray.dev_set import DevSetInfo
+from clp_ray.data.samples import check_data_language
 from clp_ray.errors import ClpRayError
-from clp_ray.samples import check_data_language
-from clp_ray.storage import filesystem, folder_exists, join, local_folder, location
-from clp_ray.tracking import Tracker, resume_or_start_run
+from clp_ray.evaluation.dev_set import DevSetInfo
+from clp_ray.tracking.runs import Tracker, resume_or_start_run
 from clp_ray.train.payload import TrackingRef, WorkerPayload
 from clp_ray.train.preflight import (
     PreparedRun,
@@ -34,6 +32,8 @@ from clp_ray.train.preflight import (
     run_lock,
 )
 from clp_ray.train.worker import MODEL_DIR, train_worker
+from clp_ray.util.cache import cache_root
+from clp_ray.util.storage import filesystem, folder_exists, join, local_folder, location
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def fit(prep: PreparedRun, *, tracker: Optional[Tracker] = None, callbacks: Opti
     resources = {"CPU": r.cpus_per_worker, **r.resources_per_worker}
     if r.use_gpu:
         resources["GPU"] = max(r.gpus_per_worker, 1)
-    payload = WorkerPayload(cfg, prep.ds_config, prep.data, prep.run_dir,
+    payload = WorkerPayload(cfg, prep.ds_config, prep.data, prep.run_dir, cfg.model.name_or_path,
                             TrackingRef(tracker.uri, tracker.run_id) if tracker else None, prep.dev, prep.dev_init)
     trainer = TorchTrainer(
         train_worker, train_loop_config=payload.as_loop_config(),
@@ -146,7 +146,7 @@ def finished_result(prep: PreparedRun) -> Optional[TrainResult]:
 
 def checkpoint_model(ckpt_location: str) -> Optional[str]:
     """The model folder in a checkpoint (a location on the run storage, see
-    :func:`clp_ray.storage.location`); None when the checkpoint holds no model."""
+    :func:`clp_ray.util.storage.location`); None when the checkpoint holds no model."""
     model = join(ckpt_location, MODEL_DIR)
     return model if folder_exists(model) else None
 

@@ -26,18 +26,19 @@ import ray.train.torch
 import torch
 
 from clp_ray.data import Collator, load_records, rank_batches, sample_group
-from clp_ray.dev_set import build_dev_set, training_split
 from clp_ray.evaluation import evaluate_config
-from clp_ray.model_refs import load_embedder
-from clp_ray.moe import apply_train_only
-from clp_ray.objective import CLPObjective, ObjectiveOutput
-from clp_ray.rank_encode import RankShardedEncoder
-from clp_ray.redact import install_log_filter
-from clp_ray.tracking import Tracker
+from clp_ray.evaluation.dev_set import build_dev_set, training_split
+from clp_ray.evaluation.rank_encode import RankShardedEncoder
+from clp_ray.loss.objective import CLPObjective, ObjectiveOutput
+from clp_ray.loss.settings import LossSettings
+from clp_ray.model.moe import apply_train_only
+from clp_ray.model.source import load_embedder
+from clp_ray.tracking.runs import Tracker
 from clp_ray.train.engine import build_engine, num_tokens, rng_state, save_final_model, set_rng_state, to_device
-from clp_ray.train.heads import apply_heads_policy, m3_loss_settings
+from clp_ray.train.heads import apply_heads_policy
 from clp_ray.train.payload import WorkerPayload
 from clp_ray.train.schedule import plan_steps
+from clp_ray.util.redact import install_log_filter
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class TrainWorker:
         import deepspeed  # heavy, and picks its accelerator on first use: workers only
 
         self.payload, self.cfg = payload, payload.cfg
+        self.loss = LossSettings.from_config(payload.cfg)  # the one loss-settings object (objective, data)
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -113,19 +115,18 @@ class TrainWorker:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # the same on every rank: the upcycled routers start identical
         random.seed(cfg.train.seed)
-        self.embedder = load_embedder(cfg.model, cfg.moe)
+        self.embedder = load_embedder(cfg.model, cfg.moe, source=self.payload.model_source)
         policy = cfg.moe.train_only if cfg.moe.enabled else ("all" if cfg.moe.train_only == "moe" else cfg.moe.train_only)
         apply_train_only(self.embedder, policy, layers=cfg.moe.layers, site=cfg.moe.site)
         self.trainable, self.total_params = apply_heads_policy(self.embedder, cfg.model.m3_heads)
         if cfg.model.gradient_checkpointing:
             self.embedder.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         chunk = cfg.train.grad_cache_chunk_size if cfg.train.grad_cache else None
-        self.objective = CLPObjective(self.embedder, cfg.loss.temperature, cfg.loss.lam, cfg.loss.cross_device_negatives,
-                                      chunk_size=chunk, m3=m3_loss_settings(cfg))
+        self.objective = CLPObjective(self.embedder, self.loss, chunk_size=chunk)
 
     def _load_data(self) -> None:
         d, dev = self.cfg.data, self.payload.dev
-        records = load_records(self.payload.data, lam=self.cfg.loss.lam, group_size=d.train_group_size,
+        records = load_records(self.payload.data, require_neg_q=self.loss.require_neg_q, group_size=d.train_group_size,
                                max_line_bytes=d.max_line_bytes)
         # The same split as the driver's (seeded), so the dev queries never train.
         self.train_ds, heldout = training_split(records, self.cfg, dev.info.source if dev else None)

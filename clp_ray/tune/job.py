@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from clp_ray.config import ExperimentConfig
-from clp_ray.dev_set import DevSetInfo
+from clp_ray.data.samples import check_data_language
 from clp_ray.errors import ClpRayError, ConfigError
 from clp_ray.evaluation import (
     EvalResult,
@@ -23,13 +23,11 @@ from clp_ray.evaluation import (
     load_result,
     save_result,
 )
-from clp_ray.model_refs import load_embedder, num_encoder_layers
-from clp_ray.modeling import Embedder
-from clp_ray.plots import write_sweep_plots
-from clp_ray.registry import Promotion, load_registered_embedder, log_embedder_model, promote_if_better
-from clp_ray.samples import check_data_language
-from clp_ray.storage import local_folder
-from clp_ray.tracking import Tracker, ending, git_commit, metric_key, registered_model_name, resume_or_start_run
+from clp_ray.evaluation.dev_set import DevSetInfo
+from clp_ray.model.embedder import Embedder
+from clp_ray.model.source import load_embedder, num_encoder_layers
+from clp_ray.tracking.registry import Promotion, load_registered_embedder, log_embedder_model, promote_if_better
+from clp_ray.tracking.runs import Tracker, ending, git_commit, metric_key, registered_model_name, resume_or_start_run
 from clp_ray.train.preflight import (
     PreparedRun,
     check_moe_layers,
@@ -40,8 +38,10 @@ from clp_ray.train.preflight import (
     run_lock,
 )
 from clp_ray.train.run import ensure_ray
+from clp_ray.tune.plots import write_sweep_plots
 from clp_ray.tune.space import apply_params, check_space, searches_moe
 from clp_ray.tune.sweep import METRIC, TrialSummary, check_concurrency, run_sweep, sweep_name
+from clp_ray.util.storage import local_folder
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,11 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from clp_ray.config import ExperimentConfig
+from clp_ray.config import ExperimentConfig, LossConfig
 from clp_ray.errors import ConfigError
+from clp_ray.loss.settings import needs_hard_negatives
+
+PAPER = LossConfig()  # the paper's λ and τ: the first trial's values, declared once in the schema
 
 
 def searches_moe(cfg: ExperimentConfig) -> bool:
@@ -41,9 +44,9 @@ class SearchParam:
 
 
 SEARCH_PARAMS = (
-    SearchParam("lam", "loss.lam", lambda c, n: FloatDistribution(*c.search.lam), lambda c, n: 0.1),
+    SearchParam("lam", "loss.lam", lambda c, n: FloatDistribution(*c.search.lam), lambda c, n: PAPER.lam),
     SearchParam("temperature", "loss.temperature", lambda c, n: FloatDistribution(*c.search.temperature, log=True),
-                lambda c, n: 0.02),
+                lambda c, n: PAPER.temperature),
     SearchParam("learning_rate", "train.learning_rate", lambda c, n: FloatDistribution(*c.search.learning_rate, log=True),
                 lambda c, n: c.train.learning_rate),
     SearchParam("num_experts", "moe.num_experts", lambda c, n: CategoricalDistribution(list(c.search.num_experts)),
@@ -68,7 +71,7 @@ def check_space(cfg: ExperimentConfig, num_layers: int) -> None:
         if s.layer_mode == "block" and s.block_size > num_layers:
             raise ConfigError(f"{cfg.cite('search.block_size')} exceeds the model's {num_layers} layers; "
                               f"{cfg.cite('model.name_or_path')}")
-    if s.lam[1] > 0 and cfg.data.train_group_size < 2:
+    if needs_hard_negatives(s.lam[1], cfg.data.train_group_size):
         raise ConfigError(f"{cfg.cite('search.lam')} allows lam > 0, which needs hard negatives, but "
                           f"{cfg.cite('data.train_group_size')}: it must be >= 2")
 

@@ -22,13 +22,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 from clp_ray.config import ExperimentConfig
 from clp_ray.errors import ConfigError, JobInterrupted
-from clp_ray.storage import join, location, move_aside
-from clp_ray.tracking import Tracker, with_driver_tracking
+from clp_ray.tracking.runs import Tracker, with_driver_tracking
 from clp_ray.train.preflight import PreparedRun, run_hash, storage_path
 from clp_ray.train.run import checkpoint_model
 from clp_ray.train.schedule import plan_steps
 from clp_ray.tune.space import SearchSpace, points_to_evaluate, trial_params
 from clp_ray.tune.trial import SweepPayload, run_trial
+from clp_ray.util.storage import join, location, move_aside
 
 log = logging.getLogger(__name__)
 

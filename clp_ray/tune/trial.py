@@ -11,8 +11,8 @@ from ray.train import TrainingFailedError
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from clp_ray.config import ExperimentConfig
-from clp_ray.dev_set import DevSet
-from clp_ray.tracking import Tracker, start_run_retrying
+from clp_ray.evaluation.dev_set import DevSet
+from clp_ray.tracking.runs import Tracker, start_run_retrying
 from clp_ray.train.payload import DataRef
 from clp_ray.train.preflight import PreparedRun
 from clp_ray.train.run import TrainResult, explain_failure, fit

@@ -1,0 +1,1 @@
+"""Serving: the Ray Serve app (:mod:`.app`) and its OpenAI-style embeddings API (:mod:`.openai_api`)."""

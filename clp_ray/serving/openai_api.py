@@ -1,0 +1,92 @@
+"""The HTTP contract of the Serve app: OpenAI-compatible embeddings requests and answers.
+
+``POST /v1/embeddings`` ``{"model": "clp-ray-hi", "input": ["...", ...] | "...",
+"input_type": "query" | "passage"}`` answers ``{"object": "list", "data": [{"object": "embedding",
+"index": i, "embedding": [...]}], "model": "clp-ray-hi", "usage": {...}}``. ``input_type`` is
+clp-ray's addition (the prefix and max length used; queries by default); so is ``output``:
+``dense`` (default), or for a model with BGE-M3's heads ``sparse`` (each ``embedding`` is then the
+lexical weights ``{"token id": weight}``) or ``colbert`` (a list of token vectors).
+``encoding_format`` may be ``float`` only. Errors are ``{"error": {"message", "type", "param", "code"}}`` as OpenAI's are.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from clp_ray.util.unicode_text import SURROGATE, first_invalid
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    input: Union[str, list[str]]
+    input_type: Literal["query", "passage"] = "query"
+    output: Literal["dense", "sparse", "colbert"] = "dense"
+    encoding_format: Literal["float"] = "float"
+    user: Optional[str] = None  # accepted (OpenAI clients send it), not used
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], dict[str, float], list[list[float]]]  # dense | sparse | colbert
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class ApiError(Exception):
+    """An answer other than 200: ``status`` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def parse_request(raw: bytes, max_inputs: int) -> EmbeddingRequest:
+    """The request in ``raw``, or an :class:`ApiError` 400 that says what is wrong with it."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if isinstance(payload, dict) and isinstance(payload.get("input"), list):
+        bad = next((i for i, t in enumerate(payload["input"]) if not isinstance(t, str)), None)
+        if bad is not None:  # say which item, not pydantic's account of the str | list[str] union
+            raise ApiError(400, f"input[{bad}]: expected a string, got {type(payload['input'][bad]).__name__}",
+                           param=f"input[{bad}]")
+    try:
+        req = EmbeddingRequest.model_validate(payload)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+    texts = req.texts()
+    if not texts:
+        raise ApiError(400, "input: give at least one text", param="input")
+    if len(texts) > max_inputs:
+        raise ApiError(400, f"input: at most {max_inputs} texts per request, got {len(texts)}", param="input")
+    if any(not t for t in texts):
+        raise ApiError(400, "input: texts must not be empty strings", param="input")
+    bad = first_invalid(texts)
+    if bad is not None:
+        where = "input" if isinstance(req.input, str) else f"input[{bad}]"
+        raise ApiError(400, f"{where}: {SURROGATE}", param=where)
+    return req
