@@ -48,8 +48,8 @@ def dev_set_of(cfg):
     from clp_ray.data import load_records, validate
     from clp_ray.evaluation.dev_set import build_dev_set, training_split
 
-    report = validate(cfg.data.train_paths, lam=cfg.loss.lam, group_size=cfg.data.train_group_size)
-    ds = load_records(report, lam=cfg.loss.lam, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
+    report = validate(cfg.data.train_paths, require_neg_q=cfg.loss.lam > 0, group_size=cfg.data.train_group_size)
+    ds = load_records(report, require_neg_q=cfg.loss.lam > 0, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
     return build_dev_set(cfg, *training_split(ds, cfg))
 
 
