@@ -94,3 +94,11 @@ def test_training_workers_load_the_model_without_the_registry():
     reached = _closure("clp_ray.train.worker")
     assert {"clp_ray.model.source", "clp_ray.loss.objective", "clp_ray.loss.settings"} <= reached
     assert not reached & {"clp_ray.tracking.registry", "clp_ray.tracking.pyfunc", "clp_ray.tracking.model_refs"}
+
+
+def test_the_config_lists_the_embed_settings_fields_in_their_order():
+    """config sits below model, so it names the six settings itself: held equal here."""
+    from clp_ray.config import MODEL_SETTINGS
+    from clp_ray.model.settings import SETTING_KEYS
+
+    assert MODEL_SETTINGS == SETTING_KEYS
