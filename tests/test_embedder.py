@@ -166,3 +166,15 @@ def test_prefixes_and_kind_lengths_in_encode(tiny_embedder):
     assert not torch.allclose(q, tiny_embedder.encode(TEXTS, max_length=8), atol=1e-3)
     with pytest.raises(ValueError, match="kind must be one of"):
         tiny_embedder.encode(TEXTS, kind="document")
+
+
+def test_the_six_settings_are_views_of_one_embed_settings(tiny_embedder):
+    from dataclasses import replace
+
+    before = tiny_embedder.settings
+    tiny_embedder.query_prefix = "query: "
+    assert tiny_embedder.settings == replace(before, query_prefix="query: ")
+    assert tiny_embedder.query_prefix == tiny_embedder.settings.prefix("query") == "query: "
+    with pytest.raises(ValueError, match="pooling must be 'cls' or 'mean', got 'max'"):
+        tiny_embedder.pooling = "max"
+    assert tiny_embedder.settings.pooling == before.pooling  # a refused value leaves the settings as they were

@@ -114,3 +114,20 @@ def test_cross_device_equals_single_process_on_concatenated_batch():
         # makes that average equal the gradient of the loss on the concatenated batch.
         for local, full_t, n in ((gq, full[0], b), (gp, full[1], b * g), (gnq, full[2], b * (g - 1))):
             torch.testing.assert_close(local / world, full_t.grad[rank * n : (rank + 1) * n], rtol=1e-10, atol=1e-12)
+
+
+def test_loss_settings_come_from_the_config_once_with_the_schemas_defaults():
+    from clp_ray.config import LossConfig, load_config
+    from clp_ray.loss.settings import LossSettings, needs_hard_negatives
+
+    d = LossConfig()
+    assert (LossSettings().temperature, LossSettings().lam) == (d.temperature, d.lam) == (0.02, 0.1)
+    cfg = load_config("ko", "tiny", ["loss.temperature=0.07", "loss.lam=0.0", "loss.cross_device_negatives=false",
+                                     "model.m3_heads=unified", "loss.m3.penalty_modes=[dense, colbert]",
+                                     "loss.m3.sparse_loss_weight=0.2", "loss.m3.self_distill=false"])
+    s = LossSettings.from_config(cfg)
+    assert (s.temperature, s.lam, s.cross_device, s.unified) == (0.07, 0.0, False, True)
+    assert (s.penalty_modes, s.sparse_loss_weight, s.self_distill) == (("dense", "colbert"), 0.2, False)
+    assert s.weights == cfg.loss.m3.ensemble_weights.model_dump() and not s.require_neg_q
+    assert LossSettings(lam=0.1).require_neg_q and not LossSettings.from_config(load_config("ko", "tiny")).unified
+    assert needs_hard_negatives(0.1, 1) and not needs_hard_negatives(0.0, 1) and not needs_hard_negatives(0.1, 2)

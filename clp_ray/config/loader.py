@@ -26,10 +26,6 @@ from clp_ray.util import bounded_yaml
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------
-# Layered loading with provenance.
-
-
 class _Layer:
     """One source of settings: its data and, per dotted key, where that key was written.
     ``user_set``: a ``--set`` (or ``--model``) on the command line rather than a config file."""

@@ -11,9 +11,6 @@ from clp_ray.data.report import MAX_LISTED
 from clp_ray.data.validation import DUPLICATE_POLICIES, validate
 from clp_ray.errors import ConfigError, DataError
 
-# --------------------------------------------------------------------------------------------
-# Command line.
-
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m clp_ray.data", description="Validate CLP training JSONL files.")

@@ -12,9 +12,6 @@ import torch
 from clp_ray.errors import DataError
 from clp_ray.model.settings import EmbedSettings
 
-# --------------------------------------------------------------------------------------------
-# Groups, shards, batches.
-
 
 @dataclass
 class Group:

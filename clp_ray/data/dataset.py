@@ -16,10 +16,6 @@ from clp_ray.errors import DataError
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------
-# Loading through Hugging Face datasets.
-
-
 def _good_records(files: list[str], require_neg_q: bool, group_size: int, max_line_bytes: int, content_hash: str,
                   on_duplicate: str = "keep"):
     # content_hash is unused here but part of the arguments, so datasets' cache key changes with

@@ -11,10 +11,6 @@ import fsspec
 from clp_ray.config import resolve_path
 from clp_ray.errors import DataError
 
-# --------------------------------------------------------------------------------------------
-# Files.
-
-
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz")
 GZIP_MAGIC = b"\x1f\x8b"
 BOM = b"\xef\xbb\xbf"

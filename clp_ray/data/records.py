@@ -7,9 +7,6 @@ from typing import Any, Optional
 
 from clp_ray.util.unicode_text import SURROGATE, is_valid_text
 
-# --------------------------------------------------------------------------------------------
-# One record.
-
 
 def _check_str_list(rec: dict, key: str, *, required: bool, nonempty: bool) -> Optional[tuple[str, str]]:
     if key not in rec:

@@ -22,10 +22,6 @@ from clp_ray.util.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------
-# Files of records.
-
-
 DUPLICATE_POLICIES = ("keep", "drop", "error")
 
 

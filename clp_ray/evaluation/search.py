@@ -9,9 +9,6 @@ from tqdm.auto import tqdm
 
 from clp_ray.evaluation.m3_search import merge_topk
 
-# --------------------------------------------------------------------------------------------
-# Search and metrics.
-
 
 def exact_search(
     queries: torch.Tensor, corpus: torch.Tensor, k: int, *, chunk_size: int = 4096, query_chunk: int = 1024,

@@ -1,8 +1,8 @@
 """Where a model is loaded from, and loading it as the config describes.
 
-``tiny`` (the seeded test encoder), a local folder (made absolute: Ray workers run elsewhere), a
-hub id — ``intfloat/multilingual-e5-small`` rebuilt from PyPI packages when the hub cannot serve it —
-(registry URIs are :mod:`clp_ray.tracking.model_refs`'s). The source is decided once, on the driver
+``tiny`` (the seeded test encoder), a local folder (made absolute: Ray workers run elsewhere) or a
+hub id (``intfloat/multilingual-e5-small`` rebuilt from PyPI packages when the hub cannot serve
+it); registry URIs are :mod:`clp_ray.tracking.model_refs`'s. The source is decided once, on the driver
 (:func:`resolve_source`), and the training workers get it in their payload; everything then loads
 through :meth:`Embedder.from_pretrained` with the config's explicit settings.
 """
@@ -81,7 +81,7 @@ def load_embedder(model_cfg: ModelConfig, moe_cfg: Optional[MoEConfig] = None, *
     """Build the Embedder a config describes (``tiny``, a hub id or a folder; explicit settings of
     ``model_cfg`` win over the folder's), upcycled per ``moe_cfg`` when it is enabled and the
     loaded model is not already an MoE model. ``source``: where from, as the driver resolved it
-    (:func:`driver_source`); None: resolved here."""
+    (a worker payload's ``model_source``; ``tiny`` stays symbolic there); None: resolved here."""
     if source is None:
         source = resolve_source(model_cfg.name_or_path, model_cfg.tiny)
     elif source == "tiny":  # symbolic in payloads: each node builds the same seeded folder locally
@@ -90,12 +90,6 @@ def load_embedder(model_cfg: ModelConfig, moe_cfg: Optional[MoEConfig] = None, *
     if moe_cfg is not None and moe_cfg.enabled and emb.moe_spec is None:
         apply_spec(emb.encoder, MoESpec.from_config(moe_cfg))
     return emb
-
-
-def driver_source(model_cfg: ModelConfig) -> str:
-    """What the driver puts in the workers' payload: the resolved source, with ``tiny`` left
-    symbolic (its folder is on the driver's disk, not necessarily the workers')."""
-    return "tiny" if model_cfg.name_or_path == "tiny" else resolve_source(model_cfg.name_or_path)
 
 
 def absolute_model_ref(ref: str) -> str:

@@ -134,20 +134,21 @@ def resolve_model_path(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": ref})})
 
 
-def model_settings(cfg: ExperimentConfig) -> ResolvedSettings:
+def model_settings(cfg: ExperimentConfig, source: Optional[str] = None) -> ResolvedSettings:
     """How the config's model embeds, read on the driver from the same folder files the workers
-    read, to log and record before training."""
-    return resolve(settings_folder(resolve_source(cfg.model.name_or_path, cfg.model.tiny)), cfg.model.explicit_settings())
+    read, to log and record before training. ``source``: the model's resolved source, if known."""
+    source = source or resolve_source(cfg.model.name_or_path, cfg.model.tiny)
+    return resolve(settings_folder(source), cfg.model.explicit_settings())
 
 
-def check_positions(cfg: ExperimentConfig, resolved: ResolvedSettings) -> None:
-    """The max lengths against the model's position embeddings, before Ray starts (a hub model
-    whose config cannot be read here is left to the workers' load, which checks it too)."""
+def check_positions(cfg: ExperimentConfig, resolved: ResolvedSettings, source: str) -> None:
+    """The max lengths against the model's position embeddings (``source``: where it loads from),
+    before Ray starts (a hub model whose config cannot be read here is left to the workers' load,
+    which checks it too)."""
     from transformers import AutoConfig
 
-    ref = resolve_source(cfg.model.name_or_path, cfg.model.tiny)
     try:
-        config = AutoConfig.from_pretrained(ref)
+        config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         log.debug("max lengths not checked before starting: %s", e)
         return
@@ -205,11 +206,11 @@ def check_heads(cfg: ExperimentConfig) -> None:
                           "the heads, or model.m3_heads = unified (trains new ones)")
 
 
-def _validated_data(cfg: ExperimentConfig):
+def _validated_data(cfg: ExperimentConfig, require_neg_q: bool):
     """The data's validation report (rejects beside the runs of this config, under ``skip``)."""
     d = cfg.data
     rejects = Path(cfg.train.output_dir).resolve() / f"rejects-{cfg.lang}-{cfg.config_hash()}.jsonl"
-    report = validate(d.train_paths, require_neg_q=LossSettings.from_config(cfg).require_neg_q, group_size=d.train_group_size, max_line_bytes=d.max_line_bytes,
+    report = validate(d.train_paths, require_neg_q=require_neg_q, group_size=d.train_group_size, max_line_bytes=d.max_line_bytes,
                       on_bad_record=d.on_bad_record, rejects_path=rejects if d.on_bad_record == "skip" else None,
                       on_duplicate=d.on_duplicate)
     log.info("training data: %d good records (%d rejected), content hash %s", report.good, report.bad, report.content_hash)
@@ -226,17 +227,20 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[Callable[[ExperimentConfig,
     check_writable(cfg.train.output_dir, cfg.cite("train.output_dir"), folder=True)
     check_storage(cfg)
     check_tracking(cfg)
-    report = _validated_data(cfg)
+    require_neg_q = LossSettings.from_config(cfg).require_neg_q
+    report = _validated_data(cfg, require_neg_q)
     data = DataRef(tuple(report.files), report.content_hash, cfg.data.on_duplicate)
     # Build the Arrow cache once on the driver; workers on this machine reuse it.
-    records = load_records(data, require_neg_q=LossSettings.from_config(cfg).require_neg_q, group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
+    records = load_records(data, require_neg_q=require_neg_q, group_size=cfg.data.train_group_size,
+                           max_line_bytes=cfg.data.max_line_bytes)
     source = resolve_dev_source(cfg)
     train_ds, heldout = training_split(records, cfg, source)
     if len(train_ds) < cfg.ray.num_workers:
         raise ClpRayError(f"only {len(train_ds)} training records (after the dev split) for {cfg.ray.num_workers} workers")
     dev = build_dev_set(cfg, train_ds, heldout, source)
-    resolved = model_settings(cfg)
-    check_positions(cfg, resolved)
+    source = resolve_source(cfg.model.name_or_path, cfg.model.tiny)  # once, for the settings and positions
+    resolved = model_settings(cfg, source)
+    check_positions(cfg, resolved, source)
     log.info("model %s embeds with %s", cfg.model.name_or_path, resolved.describe())
     return PreparedRun(cfg, (name or run_name)(cfg, report.content_hash), storage_path(cfg), ds_config, data,
                        report.to_dict(), len(train_ds), {"settings": resolved.settings.to_dict(), "sources": resolved.sources},

@@ -11,11 +11,11 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from clp_ray.config import ExperimentConfig, LossConfig
+from clp_ray.config import ExperimentConfig
 from clp_ray.errors import ConfigError
-from clp_ray.loss.settings import needs_hard_negatives
+from clp_ray.loss.settings import LossSettings, needs_hard_negatives
 
-PAPER = LossConfig()  # the paper's λ and τ: the first trial's values, declared once in the schema
+PAPER = LossSettings()  # the paper's λ and τ (the schema's defaults): the first trial's values
 
 
 def searches_moe(cfg: ExperimentConfig) -> bool:
