@@ -107,6 +107,19 @@ def test_zero_stage_trains_moe_only(stage, tmp_path, small_data, ray_local):
             assert f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" in files
         assert (Path(result.checkpoint_path) / f"rng_rank{rank}.pt").exists()
 
+    if stage == 3:  # the frozen-prefix cache is off under ZeRO-3
+        assert "prefix_computed" not in result.metrics
+        return
+    # The frozen-prefix cache: the prefix ran once per sequence; the later epochs and the dev
+    # evaluations read it back, and so does a second run (another trial) on the same folder.
+    m = result.metrics
+    print("prefix cache, first run:", m["prefix_computed"], "computed,", m["prefix_hits"], "hits")
+    assert m["prefix_hits"] > 3 * m["prefix_computed"] > 0
+    again = run_training(make_cfg(tmp_path, small_data, "train.max_steps=5", "train.learning_rate=0.02",
+                                  "moe.train_only=moe"))
+    print("prefix cache, second run:", again.metrics["prefix_computed"], "computed,", again.metrics["prefix_hits"], "hits")
+    assert again.metrics["prefix_computed"] == 0 and again.metrics["prefix_hits"] > 0
+
 
 def test_fault_injection_resume_and_rerun(tmp_path, small_data, ray_local, tiny_path, monkeypatch):
     from mlflow import MlflowClient

@@ -24,6 +24,7 @@ from clp_ray.data.samples import check_data_language
 from clp_ray.errors import ConfigError
 from clp_ray.evaluation import RetrievalSet, evaluate_config, format_metrics, load_beir
 from clp_ray.model.embedder import Embedder
+from clp_ray.model.prefix_cache import for_inference
 from clp_ray.model.source import load_embedder, num_encoder_layers
 from clp_ray.tracking.runs import Tracker, ending, git_commit, resume_or_start_run, start_run
 from clp_ray.train.preflight import (
@@ -140,6 +141,7 @@ def _evaluate_run(ctx: _Context, spec: RunSpec, parent: Tracker) -> RunResult:
     else:
         model_path, embedder = spec.cfg.model.name_or_path, load_embedder(spec.cfg.model)
         tracker = Tracker(parent.uri, _untrained_child(ctx, spec, parent))
+    for_inference(embedder, spec.cfg)  # arms that freeze one prefix share its states
     log.info("evaluating %s (arm %s, seed %s) on %s", spec.name, spec.arm, spec.seed, ctx.test_set.name)
     res = evaluate_config(embedder, ctx.test_set, e, run_file=folder / "test.trec", show_progress=True)
     log.info("%s: %s", spec.name, format_metrics(res.metrics))

@@ -24,7 +24,7 @@ from clp_ray.evaluation.dev_set import DevSet
 from clp_ray.tracking.runs import Tracker, start_run_retrying, tracking_uri, with_driver_tracking
 from clp_ray.train.deepspeed_config import deepspeed_config
 from clp_ray.train.payload import DataRef
-from clp_ray.train.preflight import PreparedRun
+from clp_ray.train.preflight import PreparedRun, prefix_cache_dir
 from clp_ray.tune.sweep import TRIAL_DRIVER_CPU, trials_that_fit
 from clp_ray.tune.trial import fit_in_trial
 from clp_ray.util.storage import join
@@ -39,6 +39,7 @@ class ArmRunPayload:
     seed: int
     cfg: ExperimentConfig  # its MLflow store resolved to the driver's
     ds_config: dict
+    prefix_cache: Optional[str] = None  # the frozen-prefix cache (shared by the arms and seeds with one prefix)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ def _child_run(p: ArmRunPayload, parent_run_id: str) -> Tracker:
 def run_arm_trial(config: dict, ablation: AblationPayload) -> None:
     """The trainable: trains ``config["run"]`` and reports where its model is."""
     p = ablation.runs[config["run"]]
-    prep = PreparedRun(p.cfg, p.name, ablation.train_storage, p.ds_config, ablation.data, dev=ablation.dev)
+    prep = PreparedRun(p.cfg, p.name, ablation.train_storage, p.ds_config, ablation.data, dev=ablation.dev,
+                       prefix_cache=p.prefix_cache)
     tracker = _child_run(p, ablation.parent_run_id) if ablation.parent_run_id else None
     result = fit_in_trial(prep, tracker)
     if tracker:
@@ -99,7 +101,8 @@ def _payload(specs: list[RunSpec], cfg: ExperimentConfig, data: DataRef, storage
     runs = {}
     for s in specs:
         c = with_driver_tracking(s.cfg)
-        runs[s.name] = ArmRunPayload(s.name, s.arm, s.seed or 0, c, deepspeed_config(c, c.ray.num_workers))
+        runs[s.name] = ArmRunPayload(s.name, s.arm, s.seed or 0, c, deepspeed_config(c, c.ray.num_workers),
+                                      prefix_cache_dir(c))
     return AblationPayload(runs, storage, data, parent.run_id if parent else None, dev)
 
 

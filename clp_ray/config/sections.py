@@ -202,6 +202,14 @@ class TrainConfig(Section):
     # Stable name => re-running the same command resumes; None: train-<lang>-<config hash>.
     run_name: Optional[str] = None
     storage_path: Optional[str] = None  # Ray Train storage; None: <output_dir>/ray_results
+    # Frozen-prefix cache: when only the top of the encoder trains (train_only moe or site, as in the
+    # paper), the hidden states entering the lowest trainable layer are computed once per text and
+    # reused by every step, epoch, trial, arm and dev/test evaluation; the frozen prefix runs without
+    # dropout (a feature extractor). Exact otherwise (clp_ray/model/prefix_cache.py).
+    prefix_cache: bool = True
+    # Where the cache's shards live, keyed by the prefix weights' hash (None: <output_dir>/prefix_cache,
+    # or $CLP_RAY_CACHE/prefix when output_dir is remote). On a cluster, a node-local or shared folder.
+    prefix_cache_dir: Optional[str] = None
     # Gradient caching: every encoder call runs in chunks of grad_cache_chunk_size sequences, only
     # one chunk's activations alive at a time (each chunk's forward runs twice): contrastive batches
     # far larger than the GPU holds, with the same gradients (clp_ray/loss/objective.py).

@@ -156,13 +156,18 @@ class CLPObjective(nn.Module):
         q, p = encoded[0].out, encoded[1].out
         nq = encoded[2].out if len(encoded) > 2 else None
         r_loss = sum(e.router_loss for e in encoded) / sum(e.calls for e in encoded)
+        with torch.autocast(q.dense.device.type, enabled=False):  # the loss in fp32 under bf16 autocast
+            return self._loss(q.float(), p.float(), None if nq is None else nq.float(), r_loss, encoded[1].stats)
+
+    def _loss(self, q: ModeOutput, p: ModeOutput, nq: Optional[ModeOutput], r_loss: torch.Tensor,
+              stats: dict[str, float]) -> ObjectiveOutput:
         if self.loss.unified:
             m3 = unified_loss(q, p, nq, self.loss)
-            return ObjectiveOutput(m3.loss + r_loss, m3.contrastive, m3.penalty, r_loss, encoded[1].stats, m3.components)
+            return ObjectiveOutput(m3.loss + r_loss, m3.contrastive, m3.penalty, r_loss, stats, m3.components)
         s = self.loss
         out = clp_loss(q.dense, p.dense, None if nq is None else nq.dense, temperature=s.temperature, lam=s.lam,
                        cross_device=s.cross_device)
-        return ObjectiveOutput(out.loss + r_loss, out.contrastive, out.penalty, r_loss, encoded[1].stats)
+        return ObjectiveOutput(out.loss + r_loss, out.contrastive, out.penalty, r_loss, stats)
 
 
 def _as_output(result) -> ModeOutput:

@@ -58,6 +58,8 @@ class Embedder(nn.Module):
         self.settings = replace(settings or EmbedSettings(), **fields)
         self.heads = heads  # BGE-M3's sparse and ColBERT heads, None for a dense-only model
         self.settings_sources: dict[str, str] = {}  # setting -> where its value came from (from_pretrained)
+        # The frozen-prefix cache (clp_ray.model.prefix_cache.attach): None runs the whole encoder.
+        self.frozen_prefix = None
 
     # ---------------------------------------------------------------- construction
 
@@ -132,7 +134,11 @@ class Embedder(nn.Module):
         """``[B, D]`` dense embeddings; with ``modes`` (a subset of :attr:`modes`) a
         :class:`~clp_ray.model.m3.ModeOutput` holding each of them (see :mod:`clp_ray.model.m3`)."""
         with token_mask(self.encoder, attention_mask):
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            hidden = None
+            if self.frozen_prefix is not None and not kwargs:
+                hidden = self.frozen_prefix.last_hidden_state(input_ids, attention_mask)
+            if hidden is None:
+                hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if modes is None:
             return self._pool(hidden, attention_mask)
         out = ModeOutput(dense=self._pool(hidden, attention_mask) if "dense" in modes else None)
@@ -145,6 +151,8 @@ class Embedder(nn.Module):
         return out
 
     def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(hidden.device.type):  # pooled and normalised in fp32 under bf16 autocast
+            hidden = hidden.float()
         if self.pooling == "cls":
             emb = hidden[:, 0]
         else:

@@ -210,4 +210,9 @@ def grouped_linear(
         raise ValueError(f"{missing} of {len(biases)} experts have no bias: all experts need one, or none")
     if missing:
         biases = []
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # as autocast runs a Linear: the input and weights in its dtype
+        with torch.autocast(device, enabled=False):
+            return _GroupedLinear.apply(x.to(torch.get_autocast_dtype(device)), slot_token, gates, list(counts),
+                                        unit_gates, len(weights), *weights, *biases)
     return _GroupedLinear.apply(x, slot_token, gates, list(counts), unit_gates, len(weights), *weights, *biases)

@@ -100,6 +100,13 @@ class ModeOutput:
 
         return ModeOutput(pick(self.dense), pick(self.sparse), pick(self.colbert), pick(self.colbert_mask))
 
+    def float(self) -> ModeOutput:
+        """The float outputs in fp32 (a loss under bf16 autocast); the mask as it is."""
+        def up(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None or not t.is_floating_point() else t.float()
+
+        return ModeOutput(up(self.dense), up(self.sparse), up(self.colbert), self.colbert_mask)
+
 
 @dataclass
 class Encoding:

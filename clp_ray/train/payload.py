@@ -40,6 +40,7 @@ class WorkerPayload:
     tracking: Optional[TrackingRef] = None
     dev: Optional[DevSet] = None  # the dev set the driver built; None: the worker builds the same one
     dev_init: Optional[dict[str, float]] = None  # the untrained model's dev metrics; None: the worker computes them
+    prefix_cache: Optional[str] = None  # the frozen-prefix cache's folder (clp_ray/model/prefix_cache.py); None: off
 
     def as_loop_config(self) -> dict:
         """Ray Train's ``train_loop_config`` (a dict) carrying this payload."""

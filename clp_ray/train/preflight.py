@@ -24,6 +24,7 @@ from clp_ray.model.embedder import settings_folder
 from clp_ray.model.folder import check_max_lengths
 from clp_ray.model.m3 import HEAD_FILES
 from clp_ray.model.moe import normalize_layer_indices
+from clp_ray.model.prefix_cache import prefix_cache_dir
 from clp_ray.model.settings import ResolvedSettings, resolve
 from clp_ray.model.source import is_moe_folder, num_encoder_layers, resolve_source
 from clp_ray.tracking.runs import check_tracking
@@ -49,6 +50,7 @@ class PreparedRun:
     model_settings: dict = field(default_factory=dict)
     dev: Optional[DevSet] = None  # what selection runs on, built once here (clp_ray/evaluation/dev_set.py)
     dev_init: Optional[dict[str, float]] = None  # the untrained model's dev metrics, when the driver has them
+    prefix_cache: Optional[str] = None  # the frozen-prefix cache's folder (absolute; None: off)
 
     @property
     def data_files(self) -> list[str]:
@@ -244,7 +246,7 @@ def prepare(cfg: ExperimentConfig, *, name: Optional[Callable[[ExperimentConfig,
     log.info("model %s embeds with %s", cfg.model.name_or_path, resolved.describe())
     return PreparedRun(cfg, (name or run_name)(cfg, report.content_hash), storage_path(cfg), ds_config, data,
                        report.to_dict(), len(train_ds), {"settings": resolved.settings.to_dict(), "sources": resolved.sources},
-                       dev)
+                       dev, prefix_cache=prefix_cache_dir(cfg))
 
 
 def run_lock(cfg: ExperimentConfig, name: str):

@@ -103,7 +103,8 @@ def fit(prep: PreparedRun, *, tracker: Optional[Tracker] = None, callbacks: Opti
     if r.use_gpu:
         resources["GPU"] = max(r.gpus_per_worker, 1)
     payload = WorkerPayload(cfg, prep.ds_config, prep.data, prep.run_dir, cfg.model.name_or_path,
-                            TrackingRef(tracker.uri, tracker.run_id) if tracker else None, prep.dev, prep.dev_init)
+                            TrackingRef(tracker.uri, tracker.run_id) if tracker else None, prep.dev, prep.dev_init,
+                            prep.prefix_cache)
     trainer = TorchTrainer(
         train_worker, train_loop_config=payload.as_loop_config(),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),

@@ -32,11 +32,14 @@ from clp_ray.evaluation.rank_encode import RankShardedEncoder
 from clp_ray.loss.objective import CLPObjective, ObjectiveOutput
 from clp_ray.loss.settings import LossSettings
 from clp_ray.model.moe import apply_train_only
+from clp_ray.model.prefix_cache import attach as attach_prefix_cache
 from clp_ray.model.source import load_embedder
 from clp_ray.tracking.runs import Tracker
 from clp_ray.train.engine import build_engine, num_tokens, rng_state, save_final_model, set_rng_state, to_device
 from clp_ray.train.heads import apply_heads_policy
 from clp_ray.train.payload import WorkerPayload
+from clp_ray.train.precision import autocast, autocast_dtype
+from clp_ray.train.precision import describe as describe_precision
 from clp_ray.train.schedule import plan_steps
 from clp_ray.util.redact import install_log_filter
 
@@ -105,6 +108,7 @@ class TrainWorker:
         install_log_filter()
         self._build_model()
         self._load_data()
+        self.autocast = autocast_dtype(self.cfg.train.precision, self.device)
         self.plan = plan_steps(len(self.train_ds), self.world, self.cfg.train)
         self.engine, self.scheduler = build_engine(self.objective, payload.ds_config, self.cfg, self.plan.total_opt)
         self.stage3 = payload.ds_config["zero_optimization"]["stage"] == 3
@@ -121,6 +125,11 @@ class TrainWorker:
         self.trainable, self.total_params = apply_heads_policy(self.embedder, cfg.model.m3_heads)
         if cfg.model.gradient_checkpointing:
             self.embedder.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.prefix = None
+        if self.payload.prefix_cache and self.payload.ds_config["zero_optimization"]["stage"] == 3:
+            log.info("frozen-prefix cache: off under ZeRO-3 (the prefix's weights are partitioned)")
+        elif self.payload.prefix_cache:
+            self.prefix = attach_prefix_cache(self.embedder, self.payload.prefix_cache)
         chunk = cfg.train.grad_cache_chunk_size if cfg.train.grad_cache else None
         self.objective = CLPObjective(self.embedder, self.loss, chunk_size=chunk)
 
@@ -151,9 +160,10 @@ class TrainWorker:
         self.resumed_from = self.state.global_step
         chunk = self.objective.chunk_size
         log.info("start: attempt %d at optimizer step %d/%d (%d micro-batches/epoch/rank, %d trainable of %d params, "
-                 "%d torch threads, %s)", self.state.attempt, self.resumed_from, self.plan.total_opt,
+                 "%d torch threads, %s, %s)", self.state.attempt, self.resumed_from, self.plan.total_opt,
                  self.plan.micro_per_epoch, self.trainable, self.total_params, torch.get_num_threads(),
-                 f"gradient caching in chunks of {chunk} sequences" if chunk else "no gradient caching")
+                 f"gradient caching in chunks of {chunk} sequences" if chunk else "no gradient caching",
+                 describe_precision(self.cfg.train.precision, self.autocast, self.payload.ds_config))
         if self.state.dev_init is None:
             self.state.dev_init = self.payload.dev_init or self.evaluate()
             if self.tracker:
@@ -165,7 +175,8 @@ class TrainWorker:
         groups = [sample_group(self.train_ds[j], self.cfg.data.train_group_size, seed=self.cfg.data.seed, epoch=epoch,
                                index=j) for j in self._epoch_batches(epoch)[i]]
         batch = self.collate(groups)
-        out = self.engine(*(to_device(batch[k], self.device) for k in ("query", "passage", "neg_query")))
+        with autocast(self.autocast, self.device):
+            out = self.engine(*(to_device(batch[k], self.device) for k in ("query", "passage", "neg_query")))
         self.engine.backward(out.loss)
         self.engine.step()
         self.state.micro_step += 1
@@ -198,6 +209,11 @@ class TrainWorker:
             log.info("dev evaluation at step %d: %d queries over %d passages in %.1f s (nDCG@10 %.4f)",
                      self.state.global_step, res.num_queries, res.num_docs, time.perf_counter() - started,
                      res.metrics["ndcg@10"])
+        if self.prefix is not None:  # every rank evaluates: share this period's new prefix states
+            self.prefix.sync()
+            s = self.prefix.stats
+            log.info("frozen-prefix cache: %d sequences computed, %d served from the cache, %d stored", s.computed,
+                     s.hits, len(self.prefix))
         self.engine.train()
         return {f"dev_{k}": v for k, v in res.metrics.items()}
 
@@ -205,7 +221,7 @@ class TrainWorker:
         """Dev metrics, then one checkpoint (every rank's shard) reported with them."""
         s = self.state
         metrics = {**self.evaluate(), "step": s.global_step, "final": final, "attempt": s.attempt,
-                   "resumed_from_step": self.resumed_from, **extra,
+                   "resumed_from_step": self.resumed_from, **extra, **self._prefix_counts(),
                    **{f"{k}_init": v for k, v in (s.dev_init or {}).items()}}
         if self.tracker:
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("dev_")}, step=s.global_step)
@@ -220,6 +236,17 @@ class TrainWorker:
                 save_final_model(self.embedder, Path(tmp) / MODEL_DIR, self.rank, self.stage3)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         return metrics
+
+    def _prefix_counts(self) -> dict[str, int]:
+        """Sequences run through the frozen prefix and served from the cache, summed over the ranks
+        (this attempt so far); empty without the cache."""
+        if self.prefix is None:
+            return {}
+        counts = torch.tensor([self.prefix.stats.computed, self.prefix.stats.hits], dtype=torch.int64,
+                              device=self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        return {"prefix_computed": int(counts[0]), "prefix_hits": int(counts[1])}
 
     def _maybe_fail(self) -> None:
         """The fault-tolerance test hook: raise once per run on the chosen rank and step."""

@@ -25,6 +25,7 @@ from clp_ray.evaluation import (
 )
 from clp_ray.evaluation.dev_set import DevSetInfo
 from clp_ray.model.embedder import Embedder
+from clp_ray.model.prefix_cache import for_inference
 from clp_ray.model.source import load_embedder, num_encoder_layers
 from clp_ray.tracking.registry import Promotion, load_registered_embedder, log_embedder_model, promote_if_better
 from clp_ray.tracking.runs import Tracker, ending, git_commit, metric_key, registered_model_name, resume_or_start_run
@@ -95,7 +96,9 @@ def base_model_results(cfg: ExperimentConfig, sets: list[RetrievalSet]) -> list[
         log.info("base model's metrics on %s from %s", sets[i].name, paths[i])
     if todo:
         log.info("evaluating the base model (no training) on %s", " and ".join(sets[i].name for i in todo))
-        fresh = evaluate_sets(load_embedder(cfg.model), [sets[i] for i in todo], cfg.eval, show_progress=True)
+        embedder = load_embedder(cfg.model)
+        for_inference(embedder, cfg)  # the trials' dev evaluations then run only the top of the corpus encode
+        fresh = evaluate_sets(embedder, [sets[i] for i in todo], cfg.eval, show_progress=True)
         for i, res in zip(todo, fresh):
             save_result(res, paths[i])
             results[i] = res
@@ -182,7 +185,9 @@ def _test_best(ctx: _Context, trials: list[TrialSummary]) -> tuple[TrialSummary,
     log.info("best trial %s: %s = %.4f; evaluating on %s", best.trial_id, METRIC, best.dev_metric, ctx.test_set.name)
     best_model = local_folder(best.model_path, ctx.out_dir)
     e = ctx.cfg.eval
-    res = evaluate_config(Embedder.from_pretrained(best_model), ctx.test_set, e, show_progress=True)
+    embedder = Embedder.from_pretrained(best_model)
+    for_inference(embedder, apply_params(ctx.cfg, best.params))
+    res = evaluate_config(embedder, ctx.test_set, e, show_progress=True)
     return best, best_model, res
 
 
@@ -201,6 +206,7 @@ def _register(ctx: _Context, parent: Tracker, best: TrialSummary, best_model: Pa
 
     def rescore(model_uri: str) -> float:
         emb = load_registered_embedder(model_uri, parent.uri)
+        for_inference(emb, cfg)
         return evaluate_config(emb, ctx.test_set, e).metrics["ndcg@10"]
 
     promotion = promote_if_better(parent.uri, reg_name, mv.version, rescore=rescore, base_score=base.metrics["ndcg@10"])

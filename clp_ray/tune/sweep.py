@@ -193,7 +193,7 @@ def _new_tuner(cfg: ExperimentConfig, trainable, run_config, num_layers: int, re
 
 def _payload(cfg: ExperimentConfig, prep: PreparedRun, storage: str, parent: Optional[Tracker]) -> SweepPayload:
     return SweepPayload(prep.name, with_driver_tracking(cfg), join(storage, f"{prep.name}-trials"), prep.ds_config, prep.data,
-                        parent.run_id if parent else None, prep.dev, prep.dev_init)
+                        parent.run_id if parent else None, prep.dev, prep.dev_init, prep.prefix_cache)
 
 
 def run_sweep(cfg: ExperimentConfig, *, prep: PreparedRun, num_layers: int, fresh: bool = False,

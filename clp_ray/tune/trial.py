@@ -31,6 +31,7 @@ class SweepPayload:
     parent_run_id: Optional[str] = None
     dev: Optional[DevSet] = None  # the dev set every trial is selected on (built once by the driver)
     dev_init: Optional[dict[str, float]] = None  # the untrained model's dev metrics (the same for every trial)
+    prefix_cache: Optional[str] = None  # the frozen-prefix cache every trial shares (None: off)
 
 
 def fit_in_trial(prep: PreparedRun, tracker: Optional[Tracker], callbacks: Optional[list] = None) -> TrainResult:
@@ -51,7 +52,8 @@ def run_trial(config: dict, sweep: SweepPayload) -> None:
     cfg = apply_params(sweep.base, params)
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"{sweep.name}-{trial_id}"
-    prep = PreparedRun(cfg, name, sweep.train_storage, sweep.ds_config, sweep.data, dev=sweep.dev, dev_init=sweep.dev_init)
+    prep = PreparedRun(cfg, name, sweep.train_storage, sweep.ds_config, sweep.data, dev=sweep.dev, dev_init=sweep.dev_init,
+                       prefix_cache=sweep.prefix_cache)
     tracker = None
     if sweep.parent_run_id:
         tracker = start_run_retrying(cfg, name, parent_run_id=sweep.parent_run_id,
