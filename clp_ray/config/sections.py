@@ -185,7 +185,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     # Share of the steps the learning rate warms up linearly over, then decays linearly.
     warmup_ratio: float = Field(0.1, ge=0, le=1)
-    # "auto": bf16 on GPU, fp32 on CPU.
+    # "auto": DeepSpeed bf16 on GPU; on a CPU with native bf16 (AVX512-BF16 or AMX) bf16 autocast with
+    # fp32 weights, gradients and optimizer (clp_ray/train/precision.py); fp32 on other CPUs.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     eval_every_steps: Optional[int] = Field(None, ge=1)  # optimizer steps; None: once per epoch
