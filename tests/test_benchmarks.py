@@ -132,6 +132,17 @@ def test_train_e2e_steady_state_rate_leaves_out_the_warmup():
     stamps = [10.0, 13.0, 15.0, 17.0, 19.0, 21.0]
     assert bench.rate(stamps, 3) == bench.BATCH * 2 / 4.0
     assert bench.rate(stamps, 100) == bench.BATCH * 1 / 2.0  # the warm-up is capped: two stamps remain
+    # The paper setting over 3 epochs of 2 steps: the rate from the end of the first epoch (step 2).
+    paper = type("A", (), {"setting": "paper", "epochs": 3})()
+    assert bench.rate(stamps, 1, paper) == bench.BATCH * 3 / 6.0
+
+
+def test_train_e2e_counts_clp_rays_dev_evaluations(tmp_path):
+    bench = _train_e2e()
+    log = tmp_path / "train.log"
+    log.write_text("x rank0 dev evaluation at step 0: 613 queries over 1519 passages in 41.1 s (nDCG@10 0.16)\n"
+                   "other line\n(RayTrainWorker) dev evaluation at step 30: 613 queries over 1519 passages in 7.7 s (x)\n")
+    assert bench.eval_seconds(log) == pytest.approx(48.8)
 
 
 def test_train_e2e_rejects_bad_arguments():
@@ -156,7 +167,7 @@ def test_train_e2e_before_arm_is_a_worktree_of_that_commit_and_a_bad_rev_stops_f
     run = subprocess.run([sys.executable, "benchmarks/train_e2e.py", "--before", "no-such-rev", "--work",
                           str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "--before no-such-rev: not a commit of this repository" in run.stderr
-    assert not (tmp_path / "w" / "mined.jsonl").exists()  # stopped before mining
+    assert not (tmp_path / "w" / "mined-dev.jsonl").exists()  # stopped before mining
 
 
 def test_train_e2e_report_compares_against_the_best_peer_and_the_code_before(capsys):
@@ -164,14 +175,15 @@ def test_train_e2e_report_compares_against_the_best_peer_and_the_code_before(cap
     M = bench.Measured
 
     def rnd(clp_rate, st_rate, before_rate):
-        return {"clp-ray (1 worker)": M("clp-ray (1 worker)", 100.0, 30.0, clp_rate, 7.0, 60),
+        return {"clp-ray (1 worker)": M("clp-ray (1 worker)", 100.0, 30.0, clp_rate, 7.0, 60, 20.0),
                 "sentence-transformers": M("sentence-transformers", 80.0, 15.0, st_rate, 4.0, 60),
                 "clp-ray before abc (1 worker)": M("clp-ray before abc (1 worker)", 120.0, 60.0, before_rate, 8.0, 60)}
 
-    args = type("A", (), {"steps": 60})()
+    args = type("A", (), {"steps": 60, "setting": "full", "epochs": 3, "precision": "fp32"})()
     out = bench.report([rnd(6.0, 5.0, 4.0), rnd(5.5, 5.0, 5.0)], args)
     assert out["peer"] == "sentence-transformers"  # the code before is not a peer
-    assert out["ratios_clp_over_peer"] == {"examples_per_s": [1.2, 1.1], "wall_time": [1.25, 1.25]}
+    assert out["ratios_clp_over_peer"] == {"examples_per_s": [1.2, 1.1], "wall_time": [1.25, 1.25],
+                                           "wall_time_without_eval": [1.0, 1.0]}
     assert out["ratios_after_over_before"]["examples_per_s"] == [1.5, 1.1]
     assert out["ratios_after_over_before"]["first_step_s"] == [0.5, 0.5]
     assert "examples_per_s 1.30x (range 1.10-1.50)" in capsys.readouterr().out

@@ -148,3 +148,37 @@ def test_config_derived_layer_and_folder(tmp_path):
     assert prefix_cache.prefix_cache_dir(load_config("ko", "tiny", ["train.prefix_cache=false"])) is None
     with pytest.raises(Exception, match="local folder"):
         prefix_cache.prefix_cache_dir(load_config("ko", "tiny", ["train.prefix_cache_dir=s3://b/x"]))
+
+
+def test_prefill_computes_every_text_training_meets(tiny_path, tmp_path, small_data):
+    """The driver's fill (in-process) covers exactly what the epochs encode: afterwards a pass over
+    every epoch's batches computes no prefix at all."""
+    from clp_ray.config import load_config
+    from clp_ray.data import Collator, load_records, sample_group, validate
+    from clp_ray.model.source import load_embedder
+    from clp_ray.train import prefix_fill
+
+    cfg = load_config("ko", "tiny", [f"data.train_paths=[{small_data}]", "data.train_group_size=2", "train.epochs=2",
+                                     "moe.train_only=moe", f"train.output_dir={tmp_path}", "loss.lam=0.1"])
+    records = load_records(validate(cfg.data.train_paths, require_neg_q=True, group_size=2), require_neg_q=True,
+                           group_size=2, max_line_bytes=cfg.data.max_line_bytes)
+    texts = prefix_fill.training_texts(cfg, records)
+    base = load_embedder(cfg.model)
+    k = prefix_cache.trained_from(cfg, len(base.encoder.encoder.layer))
+    computed = prefix_fill.fill(prefix_cache.FrozenPrefix(base.encoder, k, tmp_path), base, texts)
+    distinct = {tuple(base.tokenize([t], kind=kind)["input_ids"][0].tolist()) for kind, v in texts.items() for t in v}
+    assert computed == len(distinct) > 0
+    assert prefix_fill.fill(prefix_cache.FrozenPrefix(base.encoder, k, tmp_path), base, texts) == 0  # all cached
+    torch.manual_seed(0)
+    emb = load_embedder(cfg.model, cfg.moe)
+    apply_train_only(emb, "moe")
+    cache = prefix_cache.attach(emb, tmp_path)
+    assert cache.namespace == prefix_cache.FrozenPrefix(base.encoder, k).namespace  # upcycling leaves the prefix alone
+    collate = Collator.for_embedder(emb)
+    obj = CLPObjective(emb, LossSettings.from_config(cfg))
+    for epoch in range(2):
+        groups = [sample_group(records[j], 2, seed=cfg.data.seed, epoch=epoch, index=j) for j in range(len(records))]
+        for start in range(0, len(groups), 8):
+            b = collate(groups[start:start + 8])
+            obj(b["query"], b["passage"], b["neg_query"]).loss.backward()
+    assert cache.stats.computed == 0 and cache.stats.hits > 0

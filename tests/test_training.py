@@ -331,3 +331,22 @@ def test_m3_heads_keep_under_zero3_and_unified_training(tmp_path, small_data, ra
 
     res = evaluate_config(Embedder.from_pretrained(unified.model_path), dev_set_of(cfg).retrieval, cfg.eval)
     assert unified.metrics["dev_ndcg@10"] == pytest.approx(res.metrics["ndcg@10"], abs=1e-9)
+
+
+def test_prefix_fill_as_a_ray_data_job(tmp_path, small_data, ray_local):
+    """Many texts: the fill runs as Ray Data actors writing shards into the shared folder; a second
+    fill (the next job on the same folder) finds every text there."""
+    from clp_ray.train import prefix_fill
+    from clp_ray.train.preflight import prepare
+
+    cfg = make_cfg(tmp_path, small_data, "moe.train_only=moe", "train.prefix_fill_ray_min_texts=0", "train.epochs=2")
+    prep = prepare(cfg)
+    records, _ = prefix_fill.training_split(
+        prefix_fill.load_records(prep.data, require_neg_q=True, group_size=2, max_line_bytes=cfg.data.max_line_bytes),
+        cfg, prep.dev.info.source)
+    n = sum(len(v) for v in prefix_fill.training_texts(cfg, records).values())
+    computed = prefix_fill.prefill(cfg, prep)
+    assert 0.9 * n <= computed <= n  # distinct texts; a few may truncate to one token sequence
+    shards = list(Path(prep.prefix_cache).glob("*/*.safetensors"))
+    assert len(shards) >= 1
+    assert prefix_fill.prefill(cfg, prep) == 0

@@ -211,6 +211,11 @@ class TrainConfig(Section):
     # Where the cache's shards live, keyed by the prefix weights' hash (None: <output_dir>/prefix_cache,
     # or $CLP_RAY_CACHE/prefix when output_dir is remote). On a cluster, a node-local or shared folder.
     prefix_cache_dir: Optional[str] = None
+    # Fill the cache with every text the training epochs will meet before the workers start (once
+    # per job, not once per concurrent trial); off: the first epoch fills it as it goes.
+    prefix_fill: bool = True
+    # From this many texts the fill runs as a Ray Data job (an actor per worker's resources), below in-process.
+    prefix_fill_ray_min_texts: int = Field(100_000, ge=0)
     # Gradient caching: every encoder call runs in chunks of grad_cache_chunk_size sequences, only
     # one chunk's activations alive at a time (each chunk's forward runs twice): contrastive batches
     # far larger than the GPU holds, with the same gradients (clp_ray/loss/objective.py).

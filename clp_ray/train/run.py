@@ -23,6 +23,7 @@ from clp_ray.errors import ClpRayError
 from clp_ray.evaluation.dev_set import DevSetInfo
 from clp_ray.tracking.runs import Tracker, resume_or_start_run
 from clp_ray.train.payload import TrackingRef, WorkerPayload
+from clp_ray.train.prefix_fill import prefill
 from clp_ray.train.preflight import (
     PreparedRun,
     check_moe_layers,
@@ -194,6 +195,7 @@ def run_training(cfg: ExperimentConfig) -> TrainResult:
             return done
         ensure_ray(cfg)
         check_resources(cfg)
+        prefill(cfg, prep)
         tracker = open_tracking(prep)
         log.info("run %s: storage %s, MLflow run %s (%s)", prep.name, prep.run_dir, tracker.run_id, tracker.uri)
         try:

@@ -29,6 +29,7 @@ from clp_ray.model.prefix_cache import for_inference
 from clp_ray.model.source import load_embedder, num_encoder_layers
 from clp_ray.tracking.registry import Promotion, load_registered_embedder, log_embedder_model, promote_if_better
 from clp_ray.tracking.runs import Tracker, ending, git_commit, metric_key, registered_model_name, resume_or_start_run
+from clp_ray.train.prefix_fill import prefill
 from clp_ray.train.preflight import (
     PreparedRun,
     check_moe_layers,
@@ -159,6 +160,7 @@ def _sweep_and_register(ctx: _Context, fresh: bool) -> TuneOutcome:
         parent.log_metrics({**{f"base_test_{k}": v for k, v in base.metrics.items()},
                             **{f"base_dev_{k}": v for k, v in base_dev.metrics.items()}})
         ctx.prep.dev_init = {f"dev_{k}": v for k, v in base_dev.metrics.items()}
+        prefill(ctx.cfg, ctx.prep)  # every trial's epochs read the frozen prefix's states
         trials = run_sweep(ctx.cfg, prep=ctx.prep, num_layers=ctx.layers, fresh=fresh, parent_tracker=parent)
         best, best_model, res = _test_best(ctx, trials)
         vs_base = compare(base, res, "ndcg@10")

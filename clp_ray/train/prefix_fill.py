@@ -1,0 +1,115 @@
+"""Filling the frozen-prefix cache before the workers start: the exact texts training will meet.
+
+``sample_group`` is deterministic in (seed, epoch, index), so the driver knows every query,
+passage and negative query each epoch will encode. It computes their prefix states once
+(:class:`~clp_ray.model.prefix_cache.FrozenPrefix`) into the cache folder every trial, arm and
+rank then reads: concurrent trials do not each compute the same first epoch, and two ranks never
+compute one text twice. Few texts (``train.prefix_fill_ray_min_texts``) are computed in-process;
+many as a Ray Data job (``map_batches`` over an actor pool, one per Ray Train worker's resources,
+each actor writing its own shards; the cache folder must then be shared by the nodes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from clp_ray.config import ExperimentConfig
+from clp_ray.data import load_records, sample_group
+from clp_ray.evaluation.dev_set import training_split
+from clp_ray.loss.settings import LossSettings
+from clp_ray.model.moe import find_encoder_layers
+from clp_ray.model.prefix_cache import FrozenPrefix, prefix_cache_dir, trained_from
+from clp_ray.model.source import load_embedder
+from clp_ray.train.preflight import PreparedRun
+
+log = logging.getLogger(__name__)
+
+BATCH = 64
+
+
+def training_texts(cfg: ExperimentConfig, records) -> dict[str, list[str]]:
+    """Every distinct text (by kind) the training epochs of ``cfg`` encode, in first-use order."""
+    d, require_neg_q = cfg.data, LossSettings.from_config(cfg).require_neg_q
+    seen: dict[str, dict[str, None]] = {"query": {}, "passage": {}}
+    for epoch in range(cfg.train.epochs):
+        for j in range(len(records)):
+            g = sample_group(records[j], d.train_group_size, seed=d.seed, epoch=epoch, index=j)
+            seen["query"][g.query] = None
+            for p in g.passages:
+                seen["passage"][p] = None
+            if require_neg_q:
+                for q in g.neg_queries:
+                    seen["query"][q] = None
+    return {k: list(v) for k, v in seen.items()}
+
+
+def fill(prefix: FrozenPrefix, embedder, texts: dict[str, list[str]], batch_size: int = BATCH) -> int:
+    """Compute the prefix states of ``texts`` missing from the cache (longest first, so batches pad
+    little); returns how many were computed. Flushes to the cache folder."""
+    before = prefix.stats.computed
+    with torch.no_grad():
+        for kind, items in texts.items():
+            order = sorted(items, key=len, reverse=True)
+            for start in range(0, len(order), batch_size):
+                enc = embedder.tokenize(order[start:start + batch_size], kind=kind)
+                prefix.prefix_states(enc["input_ids"].to(embedder.device), enc["attention_mask"].to(embedder.device))
+    prefix.flush()
+    return prefix.stats.computed - before
+
+
+def prefill(cfg: ExperimentConfig, prep: PreparedRun) -> int:
+    """Fill the cache for ``prep``'s training texts when its policy leaves a frozen prefix; returns
+    how many sequences were computed (0: nothing to do, or everything was cached)."""
+    directory = prefix_cache_dir(cfg)
+    if not directory or not cfg.train.prefix_fill:
+        return 0
+    records = load_records(prep.data, require_neg_q=LossSettings.from_config(cfg).require_neg_q,
+                           group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
+    train_ds, _ = training_split(records, cfg, prep.dev.info.source if prep.dev else None)
+    texts = training_texts(cfg, train_ds)
+    n = sum(len(v) for v in texts.values())
+    started = time.perf_counter()
+    if n >= cfg.train.prefix_fill_ray_min_texts:
+        computed = _fill_with_ray_data(cfg, directory, texts)
+    else:
+        embedder = load_embedder(cfg.model)
+        k = trained_from(cfg, len(find_encoder_layers(embedder.encoder)))
+        if k is None:
+            return 0
+        computed = fill(FrozenPrefix(embedder.encoder, k, directory), embedder, texts)
+    log.info("frozen-prefix cache: %d of the %d training texts computed before training (%.1f s)", computed, n,
+             time.perf_counter() - started)
+    return computed
+
+
+class _FillActor:
+    """One Ray Data actor: the model's prefix, filling the cache for its batches of texts."""
+
+    def __init__(self, cfg: ExperimentConfig, directory: str):
+        self.embedder = load_embedder(cfg.model)
+        if cfg.ray.use_gpu and torch.cuda.is_available():
+            self.embedder.cuda()
+        k = trained_from(cfg, len(find_encoder_layers(self.embedder.encoder)))
+        self.prefix = FrozenPrefix(self.embedder.encoder, k, directory)
+
+    def __call__(self, batch: dict) -> dict:
+        texts: dict[str, list[str]] = {"query": [], "passage": []}
+        for text, kind in zip(batch["text"], batch["kind"]):
+            texts[str(kind)].append(str(text))
+        self.prefix.refresh()  # what the other actors wrote meanwhile
+        return {"computed": [fill(self.prefix, self.embedder, texts)]}
+
+
+def _fill_with_ray_data(cfg: ExperimentConfig, directory: str, texts: dict[str, list[str]]) -> int:
+    import ray.data  # Ray is up: the job drivers start it first (clp_ray.train.run.ensure_ray)
+
+    items = [{"text": t, "kind": k} for k, v in texts.items() for t in v]
+    r = cfg.ray
+    ds = ray.data.from_items(items).map_batches(
+        _FillActor, fn_constructor_kwargs={"cfg": cfg, "directory": directory}, batch_size=1024,
+        concurrency=r.num_workers, num_cpus=r.cpus_per_worker,
+        num_gpus=r.gpus_per_worker if r.use_gpu else 0)
+    return int(sum(row["computed"] for row in ds.iter_rows()))
