@@ -182,3 +182,13 @@ def test_prefill_computes_every_text_training_meets(tiny_path, tmp_path, small_d
             b = collate(groups[start:start + 8])
             obj(b["query"], b["passage"], b["neg_query"]).loss.backward()
     assert cache.stats.computed == 0 and cache.stats.hits > 0
+
+
+def test_an_unwritable_folder_keeps_the_cache_in_memory(tiny_path, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    emb = paper_model(tiny_path)
+    cache = prefix_cache.attach(emb, blocker)  # <file>/<namespace> cannot be made
+    assert cache.dir is None
+    emb.encode(["a text", "another text"], kind="passage")
+    assert cache.stats.computed == 2 and cache.flush() == 0 and len(cache) == 2

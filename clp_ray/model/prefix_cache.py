@@ -86,7 +86,7 @@ def prefix_hash(encoder: nn.Module, k: int) -> str:
         for name, t in module.state_dict().items():
             h.update(name.encode())
             h.update(str(t.dtype).encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -112,10 +112,14 @@ class FrozenPrefix:
         self._shards: list = []
         self._opened: set[str] = set()
         if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if not (self.dir / "info.json").exists():
-                write_json(self.dir / "info.json", {"encoder": type(encoder).__name__, "layer": k,
-                                                    "layers": len(self.layers), "hidden": self._hidden_size()})
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                if not (self.dir / "info.json").exists():
+                    write_json(self.dir / "info.json", {"encoder": type(encoder).__name__, "layer": k,
+                                                        "layers": len(self.layers), "hidden": self._hidden_size()})
+            except OSError as e:  # an unwritable folder costs the sharing, never the run
+                log.warning("frozen-prefix cache: cannot use %s (%s); keeping it in memory", self.dir, e)
+                self.dir = None
             self.refresh()
 
     def _hidden_size(self) -> int:
@@ -126,8 +130,10 @@ class FrozenPrefix:
 
     def describe(self) -> str:
         where = f"at {self.dir}" if self.dir else "in memory"
+        top = (f"each step runs layers {self.k}-{len(self.layers) - 1}" if self.k < len(self.layers)
+               else "no encoder layer trains")
         return (f"frozen-prefix cache: embeddings + layers 0-{self.k - 1} of {len(self.layers)} cached {where} "
-                f"({len(self)} sequences); each step runs layers {self.k}-{len(self.layers) - 1}")
+                f"({len(self)} sequences); {top}")
 
     # ------------------------------------------------------------------ store
 
