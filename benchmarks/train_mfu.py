@@ -15,10 +15,11 @@ backward; matmuls and attention). MFU = counted FLOPs per step / seconds per ste
 (H200 bf16 dense: ~790 TFLOP/s, the device notes' figure). Each ``--train-only`` policy is measured
 as its own engine: ``all`` (every weight trains: 3x the forward FLOPs) and ``moe`` (the paper's
 recipe: only the upcycled last layer trains, so the backward stops there and the step is mostly
-forward passes).
+forward passes) and ``moe-cached`` (the same with the frozen-prefix cache, as ``jobs/train.py`` runs
+it: the step runs the trainable top only; its FLOPs and MFU are the trainable part's).
 
     python benchmarks/train_mfu.py [--device cuda] [--queries 16] [--group 8] [--passage-len 256]
-                                   [--train-only all moe] [--steps 10] [--summary FILE]
+                                   [--train-only all moe moe-cached] [--steps 10] [--summary FILE]
 """
 
 from __future__ import annotations
@@ -94,12 +95,16 @@ def measure(args, train_only: str) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from clp_ray.data import Collator
+    from clp_ray.model.prefix_cache import attach
     from clp_ray.train.deepspeed_config import deepspeed_config
     from clp_ray.train.engine import build_engine, num_tokens, to_device
 
-    cfg, objective = build_objective(args, train_only)
+    cached = train_only == "moe-cached"  # the paper's setting with the frozen-prefix cache: the trainable top only
+    cfg, objective = build_objective(args, "moe" if cached else train_only)
     dev = torch.device(args.device)
     engine, _ = build_engine(objective, deepspeed_config(cfg, 1), cfg, total_opt=args.steps + 2)
+    if cached:  # after the engine, as the worker does: the weights as DeepSpeed cast them
+        attach(objective.embedder, None)
     collate = Collator.for_embedder(objective.embedder, cfg.data.length_bucket_size)
     batches = [batch(args, collate, s) for s in range(2)]
     tokens = sum(num_tokens(batches[0][k]) for k in ("query", "passage", "neg_query"))
@@ -114,6 +119,8 @@ def measure(args, train_only: str) -> dict:
             torch.cuda.synchronize()
 
     step(batches[0])  # allocations, kernels' first use
+    if cached:
+        step(batches[1])  # both batches' prefix states computed: the counted and timed steps read them
     with FlopCounterMode(display=False) as counter:
         step(batches[1])
     flops = counter.get_total_flops()
@@ -144,7 +151,8 @@ def main() -> None:
     ap.add_argument("--group", type=int_at_least(2), default=8, help="passages per query: 1 positive + hard negatives")
     ap.add_argument("--query-len", type=int_at_least(8), default=64)
     ap.add_argument("--passage-len", type=int_at_least(8), default=256)
-    ap.add_argument("--train-only", nargs="+", choices=["all", "moe"], default=["all", "moe"])
+    ap.add_argument("--train-only", nargs="+", choices=["all", "moe", "moe-cached"], default=["all", "moe", "moe-cached"],
+                    help="moe-cached: train_only moe with the frozen-prefix cache (the step runs the trainable top only)")
     ap.add_argument("--steps", type=int_at_least(2), default=10, help="timed steps (median)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's dense peak for --precision (default: 790 on cuda, the H200's bf16 figure)")
@@ -171,7 +179,7 @@ def main() -> None:
         rows.append(measure(args, policy))
         r = rows[-1]
         mfu = f", MFU {r['mfu']:.1%} of {args.peak_tflops:g} TFLOP/s" if r["mfu"] is not None else ""
-        print(f"train_only={policy:<4} {r['trainable_params'] / 1e6:7.1f}M trainable: {r['step_s'] * 1e3:8.1f} ms/step, "
+        print(f"train_only={policy:<10} {r['trainable_params'] / 1e6:7.1f}M trainable: {r['step_s'] * 1e3:8.1f} ms/step, "
               f"{r['tokens_per_s']:10.0f} tokens/s, {r['tflop_per_step']:.4g} TFLOP/step, {r['tflops']:.4g} TFLOP/s{mfu}",
               flush=True)
     if args.summary:

@@ -206,6 +206,9 @@ def test_train_mfu_counts_the_step_flops_of_both_train_only_policies(tmp_path):
     dense_forward = 2 * tokens * layers * (4 * h * h + 2 * h * i)  # Q, K, V, O and the FFN's two Linears
     assert rows["all"]["tflop_per_step"] * 1e12 >= 3 * dense_forward  # + attention scores, the upcycled router
     assert rows["moe"]["tflop_per_step"] < rows["all"]["tflop_per_step"]
+    # The frozen-prefix cache: the step runs the last of the 2 layers only.
+    assert rows["moe-cached"]["tflop_per_step"] < 0.75 * rows["moe"]["tflop_per_step"]
+    assert rows["moe-cached"]["tokens_per_step"] == rows["moe"]["tokens_per_step"]
     assert rows["moe"]["trainable_params"] < rows["all"]["trainable_params"]
     for r in rows.values():
         assert r["mfu"] == r["tflops"] / 1.0 and r["tokens_per_s"] == tokens / r["step_s"]

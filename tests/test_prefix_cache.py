@@ -113,9 +113,11 @@ def test_epochs_and_processes_share_one_prefix_forward_per_sequence(tiny_path, t
     assert first.stats.computed == len(distinct) and first.stats.hits == 2 * sum(len(b["input_ids"]) for b in inputs) \
         + sum(len(b["input_ids"]) for b in inputs) - len(distinct)
     assert first.flush() == len(distinct)
+    emb.encode(["one more text"], kind="query")  # encode writes what it computed at once (no flush needed)
+    assert first.flush() == 0 and len(first) == len(distinct) + 1
     again = paper_model(tiny_path).train()
     second = prefix_cache.attach(again, tmp_path)
-    assert second.namespace == first.namespace and len(second) == len(distinct)
+    assert second.namespace == first.namespace and len(second) == len(distinct) + 1
     out, got = loss_and_grads(again, inputs)
     assert second.stats.computed == 0
     assert_same(got, loss_and_grads(emb, inputs)[1])

@@ -27,7 +27,7 @@ from clp_ray.model.embedder import Embedder
 from clp_ray.model.prefix_cache import for_inference
 from clp_ray.model.source import load_embedder, num_encoder_layers
 from clp_ray.tracking.runs import Tracker, ending, git_commit, resume_or_start_run, start_run
-from clp_ray.train.prefix_fill import prefill
+from clp_ray.train.prefix_fill import fill_key, prefill
 from clp_ray.train.preflight import (
     PreparedRun,
     check_consistency,
@@ -120,8 +120,12 @@ def _progress(ctx: _Context) -> tuple[dict[str, Optional[RunResult]], list[RunSp
 
 def _run(ctx: _Context, parent: Tracker, done: dict[str, Optional[RunResult]], todo: list[RunSpec]) -> AblationOutcome:
     if todo:
-        for s in todo:  # the arms and seeds with one frozen prefix share one fill
-            prefill(s.cfg, ctx.prep)
+        filled = set()
+        for s in todo:  # the arms and seeds with one frozen prefix and one set of texts share one fill
+            key = fill_key(s.cfg)
+            if key not in filled:
+                filled.add(key)
+                prefill(s.cfg, ctx.prep)
         train_runs(todo, ctx.cfg, data=ctx.prep.data, storage=ctx.prep.storage, name=ctx.prep.name, parent=parent,
                    folder_of=ctx.folder, dev=ctx.prep.dev)
     for s in ctx.runs:

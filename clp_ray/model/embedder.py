@@ -221,6 +221,8 @@ class Embedder(nn.Module):
                     result.dense[idx] = self(**enc).float().cpu()
                 else:
                     result.put(idx, self(**enc, modes=modes))
+            if self.frozen_prefix is not None:  # what this call computed outlives the process (other trials)
+                self.frozen_prefix.flush()
             return getattr(result, output) if isinstance(output, str) else result
         finally:
             self.train(was_training)

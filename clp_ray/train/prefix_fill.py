@@ -23,6 +23,7 @@ from clp_ray.loss.settings import LossSettings
 from clp_ray.model.moe import find_encoder_layers
 from clp_ray.model.prefix_cache import FrozenPrefix, prefix_cache_dir, trained_from
 from clp_ray.model.source import load_embedder
+from clp_ray.train.deepspeed_config import resolve_precision
 from clp_ray.train.preflight import PreparedRun
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def prefill(cfg: ExperimentConfig, prep: PreparedRun) -> int:
     if n >= cfg.train.prefix_fill_ray_min_texts:
         computed = _fill_with_ray_data(cfg, directory, texts)
     else:
-        embedder = load_embedder(cfg.model)
+        embedder = load_embedder(cfg.model).to(weights_dtype(cfg))
         k = trained_from(cfg, len(find_encoder_layers(embedder.encoder)))
         if k is None:
             return 0
@@ -85,11 +86,24 @@ def prefill(cfg: ExperimentConfig, prep: PreparedRun) -> int:
     return computed
 
 
+def fill_key(cfg: ExperimentConfig) -> tuple:
+    """What decides a fill: configs with equal keys fill the same entries (an ablation's seeds)."""
+    m = cfg.moe
+    return (prefix_cache_dir(cfg), cfg.train.prefix_fill, m.enabled, m.train_only, tuple(m.layers), str(weights_dtype(cfg)),
+            LossSettings.from_config(cfg).require_neg_q, cfg.train.epochs, cfg.data.seed, cfg.data.train_group_size)
+
+
+def weights_dtype(cfg: ExperimentConfig) -> torch.dtype:
+    """The dtype the workers' weights have (DeepSpeed casts them for bf16/fp16): the fill computes
+    with the same weights, so its entries land in the workers' namespace."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg), torch.float32)
+
+
 class _FillActor:
     """One Ray Data actor: the model's prefix, filling the cache for its batches of texts."""
 
     def __init__(self, cfg: ExperimentConfig, directory: str):
-        self.embedder = load_embedder(cfg.model)
+        self.embedder = load_embedder(cfg.model).to(weights_dtype(cfg))
         if cfg.ray.use_gpu and torch.cuda.is_available():
             self.embedder.cuda()
         k = trained_from(cfg, len(find_encoder_layers(self.embedder.encoder)))

@@ -111,6 +111,7 @@ class TrainWorker:
         self.autocast = autocast_dtype(self.cfg.train.precision, self.device)
         self.plan = plan_steps(len(self.train_ds), self.world, self.cfg.train)
         self.engine, self.scheduler = build_engine(self.objective, payload.ds_config, self.cfg, self.plan.total_opt)
+        self.prefix = self._attach_prefix_cache()
         self.stage3 = payload.ds_config["zero_optimization"]["stage"] == 3
         self.tracker = Tracker(payload.tracking.uri, payload.tracking.run_id) if payload.tracking and self.rank == 0 else None
         self.state, self.window, self.resumed_from = RunState(), Window(), 0
@@ -125,13 +126,18 @@ class TrainWorker:
         self.trainable, self.total_params = apply_heads_policy(self.embedder, cfg.model.m3_heads)
         if cfg.model.gradient_checkpointing:
             self.embedder.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.prefix = None
-        if self.payload.prefix_cache and self.payload.ds_config["zero_optimization"]["stage"] == 3:
-            log.info("frozen-prefix cache: off under ZeRO-3 (the prefix's weights are partitioned)")
-        elif self.payload.prefix_cache:
-            self.prefix = attach_prefix_cache(self.embedder, self.payload.prefix_cache)
         chunk = cfg.train.grad_cache_chunk_size if cfg.train.grad_cache else None
         self.objective = CLPObjective(self.embedder, self.loss, chunk_size=chunk)
+
+    def _attach_prefix_cache(self):
+        """After the engine: its namespace hashes the weights as the steps see them (DeepSpeed's bf16
+        casts them), so states computed in one precision never serve another."""
+        if not self.payload.prefix_cache:
+            return None
+        if self.payload.ds_config["zero_optimization"]["stage"] == 3:
+            log.info("frozen-prefix cache: off under ZeRO-3 (the prefix's weights are partitioned)")
+            return None
+        return attach_prefix_cache(self.embedder, self.payload.prefix_cache)
 
     def _load_data(self) -> None:
         d, dev = self.cfg.data, self.payload.dev
