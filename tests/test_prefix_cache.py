@@ -194,3 +194,12 @@ def test_an_unwritable_folder_keeps_the_cache_in_memory(tiny_path, tmp_path):
     assert cache.dir is None
     emb.encode(["a text", "another text"], kind="passage")
     assert cache.stats.computed == 2 and cache.flush() == 0 and len(cache) == 2
+
+
+def test_weights_in_another_dtype_get_another_namespace(tiny_path):
+    """DeepSpeed's bf16 casts the weights: states computed with them never serve fp32 weights."""
+    a, b = paper_model(tiny_path), paper_model(tiny_path).to(torch.bfloat16)
+    k = prefix_cache.split_layer(a.encoder)
+    assert prefix_cache.prefix_hash(a.encoder, k) != prefix_cache.prefix_hash(b.encoder, k)
+    assert prefix_cache.prefix_hash(a.encoder, k) == prefix_cache.prefix_hash(paper_model(tiny_path).encoder, k)
+    assert prefix_cache.prefix_hash(a.encoder, k) != prefix_cache.prefix_hash(a.encoder, k - 1)
