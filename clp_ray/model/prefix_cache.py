@@ -11,7 +11,7 @@ and keeps them; the encoder call then runs layers ``k..L-1`` only.
   masks them out and pooling ignores them, so the real tokens' outputs are exactly those of the
   full encoder.
 - **Dropout in the prefix is off**: the prefix always runs in eval mode, as a feature extractor
-  (fp32, no autocast, no gradient); the trainable top keeps its dropout.
+  (its weights' own precision, never under autocast, no gradient); the trainable top keeps its dropout.
 - **Where**: in memory, and with a ``directory`` in safetensors shards under
   ``<directory>/<namespace>/`` (memory-mapped when read), the namespace being a hash of the prefix's
   weights, its class and ``k``. Every process that loads the same frozen weights shares the
