@@ -138,6 +138,39 @@ def test_bad_requests_get_the_reason(service, body, status, message):
     assert got_status == status and message in got["error"]["message"], got
 
 
+def test_the_official_openai_client_with_its_default_arguments(service, models):
+    """``openai.OpenAI(base_url=..., api_key=...)`` as LangChain and vector stores use it: the client
+    asks for base64 unless told otherwise; sync and async, a single input, user, dimensions, errors."""
+    import asyncio
+
+    import openai
+
+    url, _ = service
+    expected = models[2]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    res = client.embeddings.create(model="clp-ray-hi", input=TEXTS[:3])
+    got = np.array([d.embedding for d in res.data], dtype=np.float32)
+    np.testing.assert_allclose(got, np.stack([expected["hi/1"]["query"][t] for t in TEXTS[:3]]), rtol=0, atol=1e-5)
+    assert res.model == "clp-ray-hi" and res.usage.prompt_tokens > 3 and [d.index for d in res.data] == [0, 1, 2]
+    one = client.embeddings.create(model="clp-ray-ko", input=TEXTS[0], encoding_format="float", user="u1",
+                                   dimensions=got.shape[1])  # its own dimension: accepted
+    np.testing.assert_allclose(one.data[0].embedding, expected["ko/1"]["query"][TEXTS[0]], rtol=0, atol=1e-5)
+    with pytest.raises(openai.BadRequestError, match="not trained for shortened") as e:
+        client.embeddings.create(model="clp-ray-hi", input=["a"], dimensions=8)
+    assert e.value.status_code == 400 and e.value.body["param"] == "dimensions"
+    with pytest.raises(openai.NotFoundError, match="serves clp-ray-hi"):
+        client.embeddings.create(model="clp-ray-fr", input=["a"])
+
+    async def embed_async():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as aclient:
+            return await aclient.embeddings.create(model="clp-ray-hi", input=TEXTS[3:5])
+
+    ares = asyncio.run(embed_async())
+    np.testing.assert_allclose(np.array([d.embedding for d in ares.data], dtype=np.float32),
+                               np.stack([expected["hi/1"]["query"][t] for t in TEXTS[3:5]]), rtol=0, atol=1e-5)
+    assert {m.id for m in client.models.list()} == {"clp-ray-hi", "clp-ray-ko"}
+
+
 def test_sparse_and_colbert_outputs_where_the_model_has_the_heads(service, models):
     url, root = service[0], models[1]
     emb = Embedder.from_pretrained(root / "ko1")

@@ -43,12 +43,28 @@ def test_the_cluster_profile_serves_on_gpus_with_replicas_from_the_config(monkey
     (b'{"model": "hi"}', "input: Field required"),
     (b'{"model": "hi", "input": [""]}', "must not be empty strings"),
     (b'{"model": "hi", "input": ["a", null]}', "input[1]: expected a string, got NoneType"),
-    (b'{"model": "hi", "input": "a", "encoding_format": "base64"}', "encoding_format"),
+    (b'{"model": "hi", "input": "a", "encoding_format": "binary"}', "encoding_format"),
+    (b'{"model": "hi", "input": "a", "encoding_format": "base64", "output": "sparse"}', "base64 encodes dense vectors"),
+    (b'{"model": "hi", "input": "a", "dimensions": 0}', "dimensions"),
 ])
 def test_bad_requests_are_400s_that_say_what_is_wrong(raw, message):
     with pytest.raises(ApiError) as e:
         parse_request(raw, max_inputs=4)
     assert e.value.status == 400 and message in e.value.body["error"]["message"]
+
+
+def test_base64_is_openais_little_endian_float32():
+    import base64
+
+    import numpy as np
+
+    from clp_ray.serving.openai_api import encode_base64
+
+    v = np.array([0.5, -1.25, 3.0e-8, 1.0], dtype=np.float32)
+    raw = base64.b64decode(encode_base64(v.tolist()))
+    assert raw == v.astype("<f4").tobytes() and np.array_equal(np.frombuffer(raw, dtype="<f4"), v)
+    req = parse_request(b'{"model": "hi", "input": ["a"], "encoding_format": "base64", "dimensions": 32}', 4)
+    assert req.encoding_format == "base64" and req.dimensions == 32
 
 
 def test_a_good_request_keeps_its_texts_in_order():

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from clp_ray.config import ExperimentConfig, load_config
-from clp_ray.serving.openai_api import ApiError, EmbeddingData, EmbeddingResponse, Usage, parse_request
+from clp_ray.serving.openai_api import ApiError, EmbeddingData, EmbeddingResponse, Usage, encode_base64, parse_request
 
 log = logging.getLogger("clp_ray.serving.app")
 VERSION_HEADER = "x-clp-ray-model-version"
@@ -235,13 +235,21 @@ class EmbeddingService:
                                type="service_unavailable")
             name = self.settings.models[lang]
             key = f"{name}/{version}"
-            if req.output != "dense" and req.output not in (await self._model(key)).modes:
+            model = await self._model(key)
+            if req.output != "dense" and req.output not in model.modes:
                 raise ApiError(400, f"output: {req.model} version {version} has no {req.output} head (only models "
                                "with BGE-M3's sparse and ColBERT heads do)", param="output")
+            if req.dimensions is not None and req.dimensions != model.dim:
+                raise ApiError(400, f"dimensions: {name} version {version} gives {model.dim}-dimensional embeddings "
+                               "and was not trained for shortened ones (Matryoshka); leave dimensions out or give "
+                               f"{model.dim}", param="dimensions")
             result = await self._embed_batch(EmbedJob(key, req.input_type, req.texts(), req.output))
         except ApiError as e:
             return JSONResponse(e.body, status_code=e.status)
-        body = EmbeddingResponse(data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(result.embeddings())],
+        vectors = result.embeddings()
+        if req.encoding_format == "base64":
+            vectors = [encode_base64(v) for v in vectors]
+        body = EmbeddingResponse(data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],
                                  model=name, usage=Usage(prompt_tokens=result.tokens, total_tokens=result.tokens))
         return JSONResponse(body.model_dump(), headers={VERSION_HEADER: version})
 

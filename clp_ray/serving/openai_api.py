@@ -6,7 +6,11 @@
 clp-ray's addition (the prefix and max length used; queries by default); so is ``output``:
 ``dense`` (default), or for a model with BGE-M3's heads ``sparse`` (each ``embedding`` is then the
 lexical weights ``{"token id": weight}``) or ``colbert`` (a list of token vectors).
-``encoding_format`` may be ``float`` only. Errors are ``{"error": {"message", "type", "param", "code"}}`` as OpenAI's are.
+``encoding_format``: ``float`` (default) or ``base64`` (each dense ``embedding`` the base64 of its
+little-endian float32 bytes, as OpenAI sends it and as the official ``openai`` client asks for by
+default). ``dimensions`` (OpenAI's shortened embeddings) is refused with a 400 naming the reason
+unless it equals the model's own dimension: no clp-ray model is trained for truncation yet.
+``user`` is accepted and not used. Errors are ``{"error": {"message", "type", "param", "code"}}`` as OpenAI's are.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ class EmbeddingRequest(BaseModel):
     input: Union[str, list[str]]
     input_type: Literal["query", "passage"] = "query"
     output: Literal["dense", "sparse", "colbert"] = "dense"
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(None, ge=1)
     user: Optional[str] = None  # accepted (OpenAI clients send it), not used
 
     def texts(self) -> list[str]:
@@ -36,7 +41,16 @@ class EmbeddingRequest(BaseModel):
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: Union[list[float], dict[str, float], list[list[float]]]  # dense | sparse | colbert
+    embedding: Union[str, list[float], dict[str, float], list[list[float]]]  # base64 | dense | sparse | colbert
+
+
+def encode_base64(vector) -> str:
+    """OpenAI's ``encoding_format: base64``: the little-endian float32 bytes, base64-encoded."""
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
 class Usage(BaseModel):
@@ -83,6 +97,9 @@ def parse_request(raw: bytes, max_inputs: int) -> EmbeddingRequest:
         raise ApiError(400, "input: give at least one text", param="input")
     if len(texts) > max_inputs:
         raise ApiError(400, f"input: at most {max_inputs} texts per request, got {len(texts)}", param="input")
+    if req.encoding_format == "base64" and req.output != "dense":
+        raise ApiError(400, f"encoding_format: base64 encodes dense vectors; output {req.output} is not one "
+                       "(use encoding_format float)", param="encoding_format")
     if any(not t for t in texts):
         raise ApiError(400, "input: texts must not be empty strings", param="input")
     bad = first_invalid(texts)
