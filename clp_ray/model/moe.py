@@ -354,6 +354,14 @@ def apply_train_only(model: nn.Module, policy: TrainOnly, *, layers: Optional[li
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+def effective_train_only(moe_cfg) -> TrainOnly:
+    """The policy a run applies: ``moe.train_only``, except that with MoE off ``moe`` (nothing to
+    train) becomes ``all``."""
+    if moe_cfg.enabled:
+        return moe_cfg.train_only
+    return "all" if moe_cfg.train_only == "moe" else moe_cfg.train_only
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters to hand to the optimizer: frozen ones get no optimizer state."""
     return [p for p in model.parameters() if p.requires_grad]

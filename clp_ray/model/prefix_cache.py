@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from clp_ray.errors import ClpRayError, ConfigError
+from clp_ray.model.moe import effective_train_only, find_encoder_layers, normalize_layer_indices
 from clp_ray.util.atomic import write_json
 from clp_ray.util.cache import cache_root
 from clp_ray.util.storage import is_uri
@@ -290,10 +291,7 @@ def trained_from(cfg, num_layers: int) -> Optional[int]:
     """The lowest layer a training run with ``cfg`` trains, when its policy leaves a prefix frozen
     (``moe.train_only`` ``moe``/``site``; with MoE off, ``moe`` trains everything): for the
     driver's evaluations of an untrained or trained model, which share the workers' cache."""
-    from clp_ray.model.moe import normalize_layer_indices
-
-    policy = cfg.moe.train_only if cfg.moe.enabled else ("all" if cfg.moe.train_only == "moe" else cfg.moe.train_only)
-    if policy not in ("moe", "site") or not cfg.train.prefix_cache:
+    if effective_train_only(cfg.moe) not in ("moe", "site") or not cfg.train.prefix_cache:
         return None
     k = min(normalize_layer_indices(list(cfg.moe.layers), num_layers))
     return k if k >= 1 else None
@@ -313,13 +311,10 @@ def attach(embedder, directory: Optional[str | os.PathLike], k: Optional[int] = 
     return embedder.frozen_prefix
 
 
-
 def for_inference(embedder, cfg) -> Optional[FrozenPrefix]:
     """Attach the cache a training run with ``cfg`` shares to a model the driver evaluates (the
     untrained base, a trained trial, the champion): its prefix below the layer that run trains
     from. A model whose prefix weights differ gets a namespace of its own (never wrong entries)."""
-    from clp_ray.model.moe import find_encoder_layers
-
     directory = prefix_cache_dir(cfg)
     k = trained_from(cfg, len(find_encoder_layers(embedder.encoder))) if directory else None
     return attach(embedder, directory, k) if k is not None and _parts(embedder.encoder) is not None else None

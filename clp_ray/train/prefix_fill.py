@@ -20,9 +20,8 @@ from clp_ray.config import ExperimentConfig
 from clp_ray.data import load_records, sample_group
 from clp_ray.evaluation.dev_set import training_split
 from clp_ray.loss.settings import LossSettings
-from clp_ray.model.moe import find_encoder_layers
 from clp_ray.model.prefix_cache import FrozenPrefix, prefix_cache_dir, trained_from
-from clp_ray.model.source import load_embedder
+from clp_ray.model.source import load_embedder, num_encoder_layers
 from clp_ray.train.deepspeed_config import resolve_precision
 from clp_ray.train.preflight import PreparedRun
 
@@ -65,7 +64,9 @@ def prefill(cfg: ExperimentConfig, prep: PreparedRun) -> int:
     """Fill the cache for ``prep``'s training texts when its policy leaves a frozen prefix; returns
     how many sequences were computed (0: nothing to do, or everything was cached)."""
     directory = prefix_cache_dir(cfg)
-    if not directory or not cfg.train.prefix_fill:
+    # The layer count from the model's config alone: no weights, records or texts where nothing applies.
+    k = trained_from(cfg, num_encoder_layers(cfg.model)) if directory and cfg.train.prefix_fill else None
+    if k is None:
         return 0
     records = load_records(prep.data, require_neg_q=LossSettings.from_config(cfg).require_neg_q,
                            group_size=cfg.data.train_group_size, max_line_bytes=cfg.data.max_line_bytes)
@@ -74,12 +75,9 @@ def prefill(cfg: ExperimentConfig, prep: PreparedRun) -> int:
     n = sum(len(v) for v in texts.values())
     started = time.perf_counter()
     if n >= cfg.train.prefix_fill_ray_min_texts:
-        computed = _fill_with_ray_data(cfg, directory, texts)
+        computed = _fill_with_ray_data(cfg, directory, k, texts)
     else:
         embedder = load_embedder(cfg.model).to(weights_dtype(cfg))
-        k = trained_from(cfg, len(find_encoder_layers(embedder.encoder)))
-        if k is None:
-            return 0
         computed = fill(FrozenPrefix(embedder.encoder, k, directory), embedder, texts)
     log.info("frozen-prefix cache: %d of the %d training texts computed before training (%.1f s)", computed, n,
              time.perf_counter() - started)
@@ -102,11 +100,10 @@ def weights_dtype(cfg: ExperimentConfig) -> torch.dtype:
 class _FillActor:
     """One Ray Data actor: the model's prefix, filling the cache for its batches of texts."""
 
-    def __init__(self, cfg: ExperimentConfig, directory: str):
+    def __init__(self, cfg: ExperimentConfig, directory: str, k: int):
         self.embedder = load_embedder(cfg.model).to(weights_dtype(cfg))
         if cfg.ray.use_gpu and torch.cuda.is_available():
             self.embedder.cuda()
-        k = trained_from(cfg, len(find_encoder_layers(self.embedder.encoder)))
         self.prefix = FrozenPrefix(self.embedder.encoder, k, directory)
 
     def __call__(self, batch: dict) -> dict:
@@ -117,13 +114,13 @@ class _FillActor:
         return {"computed": [fill(self.prefix, self.embedder, texts)]}
 
 
-def _fill_with_ray_data(cfg: ExperimentConfig, directory: str, texts: dict[str, list[str]]) -> int:
+def _fill_with_ray_data(cfg: ExperimentConfig, directory: str, k: int, texts: dict[str, list[str]]) -> int:
     import ray.data  # Ray is up: the job drivers start it first (clp_ray.train.run.ensure_ray)
 
     items = [{"text": t, "kind": k} for k, v in texts.items() for t in v]
     r = cfg.ray
     ds = ray.data.from_items(items).map_batches(
-        _FillActor, fn_constructor_kwargs={"cfg": cfg, "directory": directory}, batch_size=1024,
+        _FillActor, fn_constructor_kwargs={"cfg": cfg, "directory": directory, "k": k}, batch_size=1024,
         concurrency=r.num_workers, num_cpus=r.cpus_per_worker,
         num_gpus=r.gpus_per_worker if r.use_gpu else 0)
     return int(sum(row["computed"] for row in ds.iter_rows()))

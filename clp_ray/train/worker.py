@@ -31,7 +31,7 @@ from clp_ray.evaluation.dev_set import build_dev_set, training_split
 from clp_ray.evaluation.rank_encode import RankShardedEncoder
 from clp_ray.loss.objective import CLPObjective, ObjectiveOutput
 from clp_ray.loss.settings import LossSettings
-from clp_ray.model.moe import apply_train_only
+from clp_ray.model.moe import apply_train_only, effective_train_only
 from clp_ray.model.prefix_cache import attach as attach_prefix_cache
 from clp_ray.model.source import load_embedder
 from clp_ray.tracking.runs import Tracker
@@ -121,8 +121,7 @@ class TrainWorker:
         torch.manual_seed(cfg.train.seed)  # the same on every rank: the upcycled routers start identical
         random.seed(cfg.train.seed)
         self.embedder = load_embedder(cfg.model, cfg.moe, source=self.payload.model_source)
-        policy = cfg.moe.train_only if cfg.moe.enabled else ("all" if cfg.moe.train_only == "moe" else cfg.moe.train_only)
-        apply_train_only(self.embedder, policy, layers=cfg.moe.layers, site=cfg.moe.site)
+        apply_train_only(self.embedder, effective_train_only(cfg.moe), layers=cfg.moe.layers, site=cfg.moe.site)
         self.trainable, self.total_params = apply_heads_policy(self.embedder, cfg.model.m3_heads)
         if cfg.model.gradient_checkpointing:
             self.embedder.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
