@@ -4,7 +4,9 @@
     python jobs/serve.py --lang hi ...          # one language
 
 Runs until interrupted (Ctrl-C / SIGTERM), then shuts the app down. Once every model is loaded it
-logs the URL and writes --summary (url, models, versions). Replicas, resources, batching and the
+logs the URL and writes --summary (url, models, versions, auth). API keys come from
+$CLP_RAY_API_KEYS or serve.api_keys_file; without them the app is open, which only a loopback host
+allows unless serve.require_api_keys=false (the cluster profile refuses to start without keys). Replicas, resources, batching and the
 alias poll interval come from the ``serve`` config section (``--set serve.num_replicas=2``).
 """
 
@@ -42,9 +44,12 @@ def serve_until_stopped(cfg, langs: list[str], summary_path) -> dict:
     from ray import serve
 
     from clp_ray.serving.app import app_for
+    from clp_ray.serving.auth import api_keys_for, describe
     from clp_ray.train.run import ensure_ray
     from clp_ray.util.atomic import write_json
 
+    keys = api_keys_for(cfg.serve)  # before Ray starts: a cluster profile without keys stops here
+    log.info("%s", describe(keys, cfg.serve))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -57,7 +62,7 @@ def serve_until_stopped(cfg, langs: list[str], summary_path) -> dict:
         url = f"http://{cfg.serve.host}:{cfg.serve.port}"
         status, readyz = _get(f"http://127.0.0.1:{cfg.serve.port}/readyz" if cfg.serve.host == "0.0.0.0" else f"{url}/readyz")
         summary = {"url": url, "endpoint": f"{url}/v1/embeddings", "langs": langs, "alias": cfg.serve.alias,
-                   "ready": status == 200, "readyz": readyz}
+                   "auth": "api_keys" if keys.required else "open", "ready": status == 200, "readyz": readyz}
         if status != 200:
             log.warning("not every model is loaded (%s); the replicas keep polling MLflow every %.0f s",
                         readyz.get("missing"), cfg.serve.poll_interval_s)

@@ -125,14 +125,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body=None, *, raw: bytes | None = None, timeout: float = 60):
+def http(method: str, url: str, body=None, *, raw: bytes | None = None, timeout: float = 60, headers=None):
     """``(status, parsed JSON or text)`` of one request; HTTP errors are answers, not exceptions."""
     import json
     import urllib.error
     import urllib.request
 
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             status, text = r.status, r.read().decode()

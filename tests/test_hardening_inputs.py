@@ -230,13 +230,13 @@ def test_evaluation_data_checks(tmp_path, caplog):
 
 
 def test_served_and_pyfunc_text_with_a_lone_surrogate_is_a_400_naming_the_item():
-    from clp_ray.serving.openai_api import ApiError, parse_request
+    from clp_ray.serving.openai_api import ApiError, RequestLimits, parse_request
     from clp_ray.tracking.pyfunc import BadInput, _as_text_list
 
     with pytest.raises(BadInput, match="item 1 holds a lone surrogate"):
         _as_text_list(["ok", "bad \ud800"])
     with pytest.raises(ApiError) as e:
-        parse_request(b'{"model": "m", "input": ["ok", "bad \\ud800"]}', 16)
+        parse_request(b'{"model": "m", "input": ["ok", "bad \\ud800"]}', RequestLimits(16))
     assert e.value.status == 400 and e.value.body["error"]["param"] == "input[1]"
 
 

@@ -445,7 +445,7 @@ def test_heads_survive_register_and_pyfunc_bit_identically(m3, m3_path, tiny_pat
 
 def test_serve_encodes_each_output_and_the_request_names_it(m3):
     from clp_ray.serving.app import EmbedJob, _encode
-    from clp_ray.serving.openai_api import ApiError, parse_request
+    from clp_ray.serving.openai_api import ApiError, RequestLimits, parse_request
 
     jobs = [EmbedJob("m/1", "query", TEXTS[:2], "sparse"), EmbedJob("m/1", "query", TEXTS[2:], "sparse")]
     got = [e for r in _encode(m3, jobs, "query", 8, "sparse") for e in r.embeddings()]
@@ -453,9 +453,9 @@ def test_serve_encodes_each_output_and_the_request_names_it(m3):
     (res,) = _encode(m3, [EmbedJob("m/1", "passage", TEXTS, "colbert")], "passage", 8, "colbert")
     for got_v, want in zip(res.embeddings(), m3.encode(TEXTS, kind="passage", output="colbert")):
         assert np.allclose(np.asarray(got_v), want.numpy(), atol=0)
-    assert parse_request(b'{"model": "m", "input": "a", "output": "colbert"}', 8).output == "colbert"
+    assert parse_request(b'{"model": "m", "input": "a", "output": "colbert"}', RequestLimits(8)).output == "colbert"
     with pytest.raises(ApiError, match="output"):
-        parse_request(b'{"model": "m", "input": "a", "output": "bm25"}', 8)
+        parse_request(b'{"model": "m", "input": "a", "output": "bm25"}', RequestLimits(8))
 
 
 def test_length_buckets_and_chunks_give_the_same_mode_outputs(m3):

@@ -265,8 +265,23 @@ class ServeConfig(Section):
     max_inputs_per_request: int = Field(256, ge=1)
     # How often each replica asks MLflow where @alias points; a new version is loaded, then served.
     poll_interval_s: float = Field(30.0, gt=0)
-    # LRU of loaded models per replica (None: 2 per language, so old and new fit during a switch).
+    # LRU of loaded models per replica (None: 2 per language, so old and new fit during a switch);
+    # versions a request pins (clp-ray-hi/3, clp-ray-hi@challenger) load into it on demand.
     max_models_per_replica: Optional[int] = Field(None, ge=1)
+    # Environment variable holding the accepted API keys (comma- or whitespace-separated).
+    api_keys_env: Optional[str] = Field("CLP_RAY_API_KEYS", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # File of accepted API keys, one per line (# comments); adds to api_keys_env's.
+    api_keys_file: Optional[str] = None
+    # Refuse to start without keys (None: required unless host is a loopback address).
+    require_api_keys: Optional[bool] = None
+    # Request bodies over this many bytes are a 413 before they are parsed.
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # Characters of all a request's texts together (more is a 413; each text is also truncated at its kind's max length).
+    max_chars_per_request: int = Field(1_000_000, ge=1)
+    # Requests each HTTP proxy queues for the deployment beyond max_ongoing_requests per replica (more: 503).
+    max_queued_requests: int = Field(256, ge=1)
+    # Retry-After (seconds) on those 503s; the openai client waits this long and retries.
+    retry_after_s: float = Field(1.0, ge=0)
 
 
 class ExperimentConfig(Section):

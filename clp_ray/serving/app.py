@@ -10,7 +10,13 @@ language. Per replica:
   forward pass per (model, query/passage) group of the batch;
 - **alias tracking**: every ``serve.poll_interval_s`` the replica asks MLflow where ``@alias``
   points; a new version is loaded first and only then served, so requests already running finish on
-  the old model and none fails during the switch.
+  the old model and none fails during the switch;
+- **pinned versions**: ``model`` may name a version (``clp-ray-hi/3``) or another alias
+  (``clp-ray-hi@challenger``), loaded on demand into the same LRU; the answer's ``model`` always
+  names the version that made the vectors, so a client that pins keeps its embedding space;
+- **API keys** (:mod:`clp_ray.serving.auth`) and **limits**: inputs, characters and bytes per
+  request in the replica; a bounded queue per proxy (Ray Serve's ``max_queued_requests``: 503 with
+  ``Retry-After`` beyond it).
 
 ``GET /healthz`` (the process answers) and ``GET /readyz`` (200 once every language has a model
 loaded, else 503 naming what is missing); ``GET /v1/models`` lists what is served.
@@ -33,7 +39,10 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from clp_ray.config import ExperimentConfig, load_config
-from clp_ray.serving.openai_api import ApiError, EmbeddingData, EmbeddingResponse, Usage, encode_base64, parse_request
+from clp_ray.serving.auth import ApiKeys, api_keys_for
+from clp_ray.serving.openai_api import (ApiError, EmbeddingData, EmbeddingResponse, RequestLimits, Usage, encode_base64,
+                                        parse_model, parse_request)
+from clp_ray.serving.versions import RegistryView
 
 log = logging.getLogger("clp_ray.serving.app")
 VERSION_HEADER = "x-clp-ray-model-version"
@@ -50,10 +59,11 @@ class ServeSettings:
     max_batch_size: int
     batch_wait_timeout_s: float
     encode_batch_size: int
-    max_inputs_per_request: int
+    limits: RequestLimits
     max_models_per_replica: int
     torch_threads: int
     use_gpu: bool
+    api_keys: ApiKeys = ApiKeys()  # digests only: the keys never travel to the replicas
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, langs: Optional[list[str]] = None) -> "ServeSettings":
@@ -64,9 +74,9 @@ class ServeSettings:
         return cls(tracking_uri=tracking_uri(cfg), models={lang: registered_name(cfg, lang) for lang in langs},
                    alias=s.alias, poll_interval_s=s.poll_interval_s, max_batch_size=s.max_batch_size,
                    batch_wait_timeout_s=s.batch_wait_timeout_s, encode_batch_size=s.encode_batch_size,
-                   max_inputs_per_request=s.max_inputs_per_request,
+                   limits=RequestLimits(s.max_inputs_per_request, s.max_chars_per_request, s.max_request_bytes),
                    max_models_per_replica=s.max_models_per_replica or 2 * len(langs),
-                   torch_threads=max(1, int(s.num_cpus)), use_gpu=s.num_gpus > 0)
+                   torch_threads=max(1, int(s.num_cpus)), use_gpu=s.num_gpus > 0, api_keys=api_keys_for(s))
 
     def lang_of(self, model: str) -> Optional[str]:
         """The language a request's ``model`` names: a registered name or a language code."""
@@ -154,6 +164,7 @@ class EmbeddingService:
         self.problems: dict[str, str] = {}  # lang -> why it has no (new) version
         self.switched_at: dict[str, float] = {}
         self.batches = self.batched_requests = 0
+        self.registry = RegistryView(settings.tracking_uri, ttl_s=settings.poll_interval_s)
 
         async def load(model_key: str):
             return await asyncio.to_thread(_load, settings.tracking_uri, model_key, settings.use_gpu)
@@ -185,7 +196,7 @@ class EmbeddingService:
                              f" (was {old})" if old else "")
                 self.problems.pop(lang, None)
             except Exception as e:  # MLflow down, alias missing, a broken version: keep serving the old one
-                self.problems[lang] = f"{name}@{self.settings.alias}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                self.problems[lang] = f"{name}@{self.settings.alias}: {_first_line(e)}"
                 log.warning("cannot refresh %s", self.problems[lang])
 
     def _alias_version(self, name: str) -> str:
@@ -223,26 +234,17 @@ class EmbeddingService:
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
         try:
-            req = parse_request(await request.body(), self.settings.max_inputs_per_request)
-            lang = self.settings.lang_of(req.model)
-            if lang is None:
-                known = ", ".join(sorted(self.settings.models.values()))
-                raise ApiError(404, f"unknown model {req.model!r}: this service serves {known}", param="model",
-                               code="model_not_found")
-            version = self.versions.get(lang)
-            if version is None:
-                raise ApiError(503, f"{req.model} is not loaded yet: {self.problems.get(lang, 'loading')}",
-                               type="service_unavailable")
-            name = self.settings.models[lang]
-            key = f"{name}/{version}"
-            model = await self._model(key)
+            self.settings.api_keys.check(request.headers.get("authorization"))
+            req = parse_request(await request.body(), self.settings.limits)
+            key = await self._version_key(req.model)
+            model = await self._loaded(key)
             if req.output != "dense" and req.output not in model.modes:
-                raise ApiError(400, f"output: {req.model} version {version} has no {req.output} head (only models "
-                               "with BGE-M3's sparse and ColBERT heads do)", param="output")
+                raise ApiError(400, f"output: {key} has no {req.output} head (only models with BGE-M3's sparse and "
+                               "ColBERT heads do)", param="output")
             if req.dimensions is not None and req.dimensions != model.dim:
-                raise ApiError(400, f"dimensions: {name} version {version} gives {model.dim}-dimensional embeddings "
-                               "and was not trained for shortened ones (Matryoshka); leave dimensions out or give "
-                               f"{model.dim}", param="dimensions")
+                raise ApiError(400, f"dimensions: {key} gives {model.dim}-dimensional embeddings and was not trained "
+                               f"for shortened ones (Matryoshka); leave dimensions out or give {model.dim}",
+                               param="dimensions")
             result = await self._embed_batch(EmbedJob(key, req.input_type, req.texts(), req.output))
         except ApiError as e:
             return JSONResponse(e.body, status_code=e.status)
@@ -250,19 +252,68 @@ class EmbeddingService:
         if req.encoding_format == "base64":
             vectors = [encode_base64(v) for v in vectors]
         body = EmbeddingResponse(data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],
-                                 model=name, usage=Usage(prompt_tokens=result.tokens, total_tokens=result.tokens))
-        return JSONResponse(body.model_dump(), headers={VERSION_HEADER: version})
+                                 model=key, usage=Usage(prompt_tokens=result.tokens, total_tokens=result.tokens))
+        return JSONResponse(body.model_dump(), headers={VERSION_HEADER: key.rsplit("/", 1)[1]})
+
+    async def _version_key(self, model: str) -> str:
+        """``<registered name>/<version>`` for a request's ``model``: the served alias's current version,
+        or the version or alias it pins (404 naming what exists when there is none)."""
+        ref = parse_model(model)
+        lang = self.settings.lang_of(ref.name)
+        if lang is None:
+            known = ", ".join(sorted(self.settings.models.values()))
+            raise ApiError(404, f"unknown model {model!r}: this service serves {known} (each also as name/version "
+                           "or name@alias)", param="model", code="model_not_found")
+        name = self.settings.models[lang]
+        if ref.version is None and ref.alias in (None, self.settings.alias):
+            version = self.versions.get(lang)
+            if version is None:
+                raise ApiError(503, f"{name} is not loaded yet: {self.problems.get(lang, 'loading')}",
+                               type="service_unavailable")
+            return f"{name}/{version}"
+        try:
+            return f"{name}/{await asyncio.to_thread(self.registry.version_for, name, ref)}"
+        except ApiError:
+            raise
+        except Exception as e:  # the registry is down: the served alias still answers, pins cannot
+            raise ApiError(503, f"cannot ask the model registry about {model}: {_first_line(e)}",
+                           type="service_unavailable") from None
+
+    async def _loaded(self, key: str):
+        """The model ``key``, loaded into this replica's LRU if it is not there yet."""
+        try:
+            return await self._model(key)
+        except Exception as e:
+            log.exception("cannot load %s", key)
+            raise ApiError(500, f"cannot load {key}: {_first_line(e)}", type="server_error") from None
+
+    def _denied(self, request: Request) -> Optional[JSONResponse]:
+        try:
+            self.settings.api_keys.check(request.headers.get("authorization"))
+        except ApiError as e:
+            return JSONResponse(e.body, status_code=e.status)
+        return None
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "owned_by": "clp-ray", "alias": self.settings.alias,
-             "version": self.versions.get(lang), "created": int(self.switched_at.get(lang, 0))}
-            for lang, name in self.settings.models.items()]}
+    async def models(self, request: Request) -> JSONResponse:
+        """The served names (``version``: the alias's current one) and every registered version of each."""
+        if (denied := self._denied(request)) is not None:
+            return denied
+        data = []
+        for lang, name in self.settings.models.items():
+            data.append({"id": name, "object": "model", "owned_by": "clp-ray", "alias": self.settings.alias,
+                         "version": self.versions.get(lang), "created": int(self.switched_at.get(lang, 0))})
+            reg = await asyncio.to_thread(self.registry.listing, name)
+            for v in reg.versions if reg else ():
+                data.append({"id": f"{name}/{v}", "object": "model", "owned_by": "clp-ray", "version": v, "created": 0,
+                             "aliases": sorted(a for a, av in reg.aliases.items() if av == v)})
+        return JSONResponse({"object": "list", "data": data})
 
     @api.get("/stats")
-    async def stats(self) -> dict:
+    async def stats(self, request: Request) -> Any:
         """This replica's batching so far: batches run and requests they held."""
+        if (denied := self._denied(request)) is not None:
+            return denied
         return {"batches": self.batches, "requests": self.batched_requests,
                 "mean_batch_size": self.batched_requests / self.batches if self.batches else 0.0}
 
@@ -280,12 +331,22 @@ class EmbeddingService:
         return JSONResponse({"ready": True, "serving": served, "problems": dict(self.problems)})
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def app_for(cfg: ExperimentConfig, langs: Optional[list[str]] = None):
-    """The bound Serve application for ``cfg`` (its ``serve`` section) and ``langs``."""
+    """The bound Serve application for ``cfg`` (its ``serve`` section) and ``langs`` (a ConfigError
+    when keys are required and none are set)."""
+    from ray.serve.config import BackpressureConfig
+
     settings = ServeSettings.from_config(cfg, langs)
     s = cfg.serve
     return EmbeddingService.options(
         num_replicas=s.num_replicas, max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,  # per proxy: beyond it a 503, not a growing queue
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=s.retry_after_s),
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     ).bind(settings)
 

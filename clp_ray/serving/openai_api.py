@@ -10,12 +10,16 @@ lexical weights ``{"token id": weight}``) or ``colbert`` (a list of token vector
 little-endian float32 bytes, as OpenAI sends it and as the official ``openai`` client asks for by
 default). ``dimensions`` (OpenAI's shortened embeddings) is refused with a 400 naming the reason
 unless it equals the model's own dimension: no clp-ray model is trained for truncation yet.
-``user`` is accepted and not used. Errors are ``{"error": {"message", "type", "param", "code"}}`` as OpenAI's are.
+``user`` is accepted and not used. ``model`` names the served alias (``clp-ray-hi`` or ``hi``), a
+version (``clp-ray-hi/3``) or another alias (``clp-ray-hi@challenger``); the answer's ``model``
+names the version that made the vectors (``clp-ray-hi/3``). Errors are ``{"error": {"message", "type", "param", "code"}}`` as OpenAI's are.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -75,8 +79,20 @@ class ApiError(Exception):
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def parse_request(raw: bytes, max_inputs: int) -> EmbeddingRequest:
-    """The request in ``raw``, or an :class:`ApiError` 400 that says what is wrong with it."""
+@dataclass(frozen=True)
+class RequestLimits:
+    """How much one request may ask for (the ``serve`` section's limits)."""
+
+    max_inputs: int = 256
+    max_chars: int = 1_000_000
+    max_bytes: int = 8 * 1024 * 1024
+
+
+def parse_request(raw: bytes, limits: RequestLimits) -> EmbeddingRequest:
+    """The request in ``raw``, or an :class:`ApiError` (400, or 413 over a size limit) that says what is wrong."""
+    if len(raw) > limits.max_bytes:
+        raise ApiError(413, f"the request body is {len(raw)} bytes; this service takes at most {limits.max_bytes} "
+                       "(serve.max_request_bytes): split the input over several requests", code="request_too_large")
     try:
         payload = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -95,8 +111,14 @@ def parse_request(raw: bytes, max_inputs: int) -> EmbeddingRequest:
     texts = req.texts()
     if not texts:
         raise ApiError(400, "input: give at least one text", param="input")
-    if len(texts) > max_inputs:
-        raise ApiError(400, f"input: at most {max_inputs} texts per request, got {len(texts)}", param="input")
+    if len(texts) > limits.max_inputs:
+        raise ApiError(400, f"input: at most {limits.max_inputs} texts per request (serve.max_inputs_per_request), "
+                       f"got {len(texts)}", param="input")
+    chars = sum(len(t) for t in texts)
+    if chars > limits.max_chars:
+        raise ApiError(413, f"input: {chars} characters in all; this service takes at most {limits.max_chars} per "
+                       "request (serve.max_chars_per_request): split the input over several requests",
+                       param="input", code="request_too_large")
     if req.encoding_format == "base64" and req.output != "dense":
         raise ApiError(400, f"encoding_format: base64 encodes dense vectors; output {req.output} is not one "
                        "(use encoding_format float)", param="encoding_format")
@@ -107,3 +129,24 @@ def parse_request(raw: bytes, max_inputs: int) -> EmbeddingRequest:
         where = "input" if isinstance(req.input, str) else f"input[{bad}]"
         raise ApiError(400, f"{where}: {SURROGATE}", param=where)
     return req
+
+
+MODEL_REF = re.compile(r"^(?P<name>[^/@\s]+)(?:/(?P<version>[1-9][0-9]*)|@(?P<alias>[A-Za-z0-9_-]+))?$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A request's ``model``: a name (registered name or language code), optionally pinned."""
+
+    name: str
+    version: Optional[str] = None  # clp-ray-hi/3
+    alias: Optional[str] = None  # clp-ray-hi@challenger
+
+
+def parse_model(model: str) -> ModelRef:
+    """``clp-ray-hi``, ``clp-ray-hi/3`` or ``clp-ray-hi@challenger``; anything else is a 400."""
+    m = MODEL_REF.match(model.strip())
+    if m is None:
+        raise ApiError(400, f"model: {model!r} is not a model name, name/version (clp-ray-hi/3) or name@alias "
+                       "(clp-ray-hi@challenger)", param="model")
+    return ModelRef(m["name"], m["version"], m["alias"])
