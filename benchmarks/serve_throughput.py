@@ -1,17 +1,26 @@
-"""Serving throughput: the Ray Serve app (jobs/serve.py) vs `mlflow models serve`, same registered model.
+"""Serving throughput: the Ray Serve app (jobs/serve.py) vs Infinity and `mlflow models serve`, same model.
 
 One registered version (``--model``: the local profile's multilingual-e5-small by default, or
-``tiny``) in a fresh SQLite store; each server is started in turn (never both at once: they would
+``tiny``) in a fresh SQLite store; each server is started in turn (never two at once: they would
 share the CPUs), warmed up, then loaded by 1, 8 and 32 concurrent clients (threads with keep-alive
 connections), each sending one query per request for ``--duration`` seconds. Per server and level:
-requests/s, p50 and p99 latency, errors. Both servers' answers to the same texts are compared first
+requests/s, p50 and p99 latency, errors. The servers' answers to the same texts are compared first
 (the same model must give the same vectors).
 
-The Ray Serve app runs as the local profile does: one replica per core, one torch thread each.
-Targets: the Ray Serve app >= 2x mlflow's requests/s at 32 clients (batching is the point), and its
-p99 <= 2x its p50 at 8 clients.
+- ``ray_serve``: as the local profile runs it, one replica per core, one torch thread each; driven
+  with the official ``openai`` client's wire format (``encoding_format: base64``).
+- ``infinity``: Infinity (``infinity-emb``, the embedding server users pick) serving the same
+  exported sentence-transformers folder, from its own environment (``benchmarks/infinity_env.sh``:
+  its pins clash with clp-ray's). It runs sentence-transformers 3, so it gets a copy of the folder
+  with the module configs in that version's keys, and the queries with the model's query prefix
+  (Infinity does not apply prompts); same wire format as ``ray_serve``.
+- ``mlflow``: ``mlflow models serve`` on the registered pyfunc (its own protocol).
 
-    python benchmarks/serve_throughput.py [--model tiny] [--levels 1,8,32] [--duration 15] [--summary F]
+Targets: Ray Serve >= 1.0x Infinity's requests/s at 32 clients and <= its p99 at 8 clients; >= 2x
+mlflow's requests/s at 32 clients (batching is the point); its own p99 <= 2x its p50 at 8 clients.
+
+    bash benchmarks/infinity_env.sh        # once: .venv-infinity
+    python benchmarks/serve_throughput.py [--model tiny] [--levels 1,8,32] [--duration 15] [--servers ...] [--summary F]
 """
 
 from __future__ import annotations
@@ -38,9 +47,11 @@ from clp_ray.cli import add_summary_arg  # noqa: E402
 from clp_ray.util.atomic import write_json  # noqa: E402
 
 log = logging.getLogger("serve_throughput")
-SERVERS = ("ray_serve", "mlflow")
-TARGET_RPS_RATIO = 2.0
+SERVERS = ("ray_serve", "infinity", "mlflow")
+TARGET_RPS_RATIO = 2.0  # over mlflow
+TARGET_RPS_RATIO_INFINITY = 1.0
 TARGET_P99_OVER_P50 = 2.0
+INFINITY = ROOT / ".venv-infinity" / "bin" / "infinity_emb"
 
 
 @dataclass
@@ -151,6 +162,11 @@ def start_server(kind: str, uri: str, port: int, work: Path, cpus: int, replicas
         cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/clp-ray-hi@champion",
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
         env = {**_env(), "MLFLOW_TRACKING_URI": uri}
+    elif kind == "infinity":
+        cmd = [str(INFINITY), "v2", "--model-id", str(st3_folder(work / "model", work / "model-st3")),
+               "--served-model-name", "clp-ray-hi", "--url-prefix", "/v1", "--engine", "torch", "--device", "cpu",
+               "--host", "127.0.0.1", "--port", str(port), "--no-bettertransformer"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"}
     else:
         cmd = [sys.executable, str(ROOT / "jobs/serve.py"), "--lang", "hi", "--profile", "tiny", "--port", str(port),
                "--set", f"tracking.tracking_uri={uri}", "--set", f"serve.num_cpus={cpus}",
@@ -183,11 +199,43 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-ENDPOINTS = {
-    "mlflow": ("/invocations", lambda texts: {"inputs": texts}, lambda out: out["predictions"]),
-    "ray_serve": ("/v1/embeddings", lambda texts: {"model": "clp-ray-hi", "input": texts},
-                  lambda out: [d["embedding"] for d in out["data"]]),
-}
+def st3_folder(src: Path, dst: Path) -> Path:
+    """A copy of the sentence-transformers folder ``src`` that sentence-transformers 3 (Infinity's)
+    loads: its module configs in that version's keys (the weights and tokenizer are the same files)."""
+    import shutil
+
+    if not dst.exists():
+        shutil.copytree(src, dst)
+        bert = json.loads((dst / "sentence_bert_config.json").read_text())
+        (dst / "sentence_bert_config.json").write_text(json.dumps({k: bert[k] for k in ("max_seq_length", "do_lower_case")}))
+        pool = json.loads((dst / "1_Pooling/config.json").read_text())
+        mode = pool["pooling_mode"]
+        (dst / "1_Pooling/config.json").write_text(json.dumps({
+            "word_embedding_dimension": pool["embedding_dimension"], "pooling_mode_mean_tokens": mode == "mean",
+            "pooling_mode_cls_token": mode == "cls", "include_prompt": pool.get("include_prompt", True)}))
+    return dst
+
+
+def _openai_vectors(out: dict) -> list:
+    import base64
+
+    import numpy as np
+
+    return [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4").tolist() for d in out["data"]]
+
+
+def _openai_body(prefix: str = ""):
+    # What openai.OpenAI().embeddings.create(model=..., input=[...]) sends with its defaults.
+    return lambda texts: {"model": "clp-ray-hi", "input": [prefix + t for t in texts], "encoding_format": "base64"}
+
+
+def endpoints(query_prefix: str) -> dict:
+    """Per server: path, request body for some texts, the vectors in its answer."""
+    return {
+        "mlflow": ("/invocations", lambda texts: {"inputs": texts}, lambda out: out["predictions"]),
+        "ray_serve": ("/v1/embeddings", _openai_body(), _openai_vectors),
+        "infinity": ("/v1/embeddings", _openai_body(query_prefix), _openai_vectors),
+    }
 
 
 def free_port() -> int:
@@ -201,7 +249,8 @@ def free_port() -> int:
 def measure(kind: str, uri: str, work: Path, texts: list[str], levels: list[int], duration: float,
             cpus: int, replicas: int = 1) -> tuple[list[Level], list, float]:
     """Start ``kind``, check its answer to ``texts[:4]``, load it at each level, stop it."""
-    path, make_body, vectors_of = ENDPOINTS[kind]
+    prefix = json.loads((work / "model" / "clp_ray.json").read_text())["query_prefix"]
+    path, make_body, vectors_of = endpoints(prefix)[kind]
     port = free_port()
     t0 = time.monotonic()
     proc = start_server(kind, uri, port, work, cpus, replicas)
@@ -249,6 +298,10 @@ def main(argv=None) -> int:
         print(f"error: --levels must be positive integers, --duration > 0, --servers among {', '.join(SERVERS)}",
               file=sys.stderr)
         return 2
+    if "infinity" in servers and not INFINITY.exists():
+        print(f"error: Infinity is not installed at {INFINITY}: run `bash benchmarks/infinity_env.sh` (its own "
+              "environment), or leave it out with --servers ray_serve,mlflow", file=sys.stderr)
+        return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="serve-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     texts = bundled_queries()
@@ -277,8 +330,11 @@ def report(args, levels, results, probes, startup) -> dict:
                "replicas": args.replicas,
                "startup_s": {k: round(v, 1) for k, v in startup.items()},
                "results": {k: [asdict(r) for r in v] for k, v in results.items()}}
-    if len(probes) == 2:
-        summary["max_abs_diff_between_servers"] = float(np.abs(np.array(probes["ray_serve"]) - np.array(probes["mlflow"])).max())
+    if "ray_serve" in probes and len(probes) > 1:  # every server's vectors against Ray Serve's
+        summary["max_abs_diff_vs_ray_serve"] = {k: float(np.abs(np.array(v) - np.array(probes["ray_serve"])).max())
+                                                for k, v in probes.items() if k != "ray_serve"}
+        if "mlflow" in probes:
+            summary["max_abs_diff_between_servers"] = summary["max_abs_diff_vs_ray_serve"]["mlflow"]
     print(f"\n{'server':<10} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6}")
     for kind, rows in results.items():
         for r in rows:
@@ -291,6 +347,16 @@ def report(args, levels, results, probes, startup) -> dict:
         summary["rps_ratio_ray_over_mlflow"] = {str(c): by["ray_serve"][c].rps / by["mlflow"][c].rps for c in levels}
         summary["target_rps_ratio_met"] = bool(top == 32 and ratio >= TARGET_RPS_RATIO)
         print(f"\nRay Serve / mlflow req/s at {top} clients: {ratio:.2f}x (target >= {TARGET_RPS_RATIO}x at 32)")
+    if {"ray_serve", "infinity"} <= set(by):
+        ratio = by["ray_serve"][top].rps / by["infinity"][top].rps
+        summary["rps_ratio_ray_over_infinity"] = {str(c): by["ray_serve"][c].rps / by["infinity"][c].rps for c in levels}
+        summary["target_rps_ratio_infinity_met"] = bool(top == 32 and ratio >= TARGET_RPS_RATIO_INFINITY)
+        print(f"\nRay Serve / Infinity req/s at {top} clients: {ratio:.2f}x (target >= {TARGET_RPS_RATIO_INFINITY}x at 32)")
+        if mid:
+            p99 = (by["ray_serve"][mid].p99_ms, by["infinity"][mid].p99_ms)
+            summary["p99_ms_at_8"] = {"ray_serve": p99[0], "infinity": p99[1]}
+            summary["target_p99_vs_infinity_met"] = bool(p99[0] <= p99[1])
+            print(f"p99 at 8 clients: Ray Serve {p99[0]:.1f} ms, Infinity {p99[1]:.1f} ms (target: Ray Serve <= Infinity)")
     if "ray_serve" in by and mid:
         tail = by["ray_serve"][mid].p99_ms / by["ray_serve"][mid].p50_ms
         summary["ray_p99_over_p50_at_8"] = tail

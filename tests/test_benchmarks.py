@@ -244,6 +244,39 @@ def test_serve_throughput_percentile_interpolates_between_order_statistics():
     assert percentile([7], 0.99) == 7
 
 
+def _serve_benchmark_module():
+    spec = importlib.util.spec_from_file_location("serve_throughput", ROOT / "benchmarks" / "serve_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serve_throughput"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_throughput_gives_infinity_a_sentence_transformers_3_folder_and_the_openai_wire_format(tmp_path,
+                                                                                                   tiny_path):
+    import base64
+
+    import numpy as np
+
+    from clp_ray.model.embedder import Embedder
+
+    mod = _serve_benchmark_module()
+    src = Embedder.from_pretrained(tiny_path).save_pretrained(tmp_path / "model")
+    dst = mod.st3_folder(src, tmp_path / "st3")
+    pool = json.loads((dst / "1_Pooling/config.json").read_text())
+    dim = json.loads((src / "1_Pooling/config.json").read_text())["embedding_dimension"]
+    assert pool["word_embedding_dimension"] == dim and pool["pooling_mode_mean_tokens"] != pool["pooling_mode_cls_token"]
+    assert set(json.loads((dst / "sentence_bert_config.json").read_text())) == {"max_seq_length", "do_lower_case"}
+    assert (dst / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    path, body, vectors = mod.endpoints("query: ")["infinity"]
+    assert path == "/v1/embeddings" and body(["x"]) == {"model": "clp-ray-hi", "input": ["query: x"],
+                                                         "encoding_format": "base64"}
+    v = np.array([0.25, -1.0, 3.5], dtype="<f4")
+    assert vectors({"data": [{"embedding": base64.b64encode(v.tobytes()).decode()}]}) == [v.tolist()]
+    mod.INFINITY = tmp_path / "missing" / "infinity_emb"
+    assert mod.main(["--servers", "infinity"]) == 2
+
+
 def test_grad_cache_memory_benchmark_runs_both_modes_per_batch(tmp_path):
     summary = tmp_path / "s.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grad_cache_memory.py"), "--device", "cpu",
