@@ -40,8 +40,16 @@ from ray import serve
 
 from clp_ray.config import ExperimentConfig, load_config
 from clp_ray.serving.auth import ApiKeys, api_keys_for
-from clp_ray.serving.openai_api import (ApiError, EmbeddingData, EmbeddingResponse, RequestLimits, Usage, encode_base64,
-                                        parse_model, parse_request)
+from clp_ray.serving.openai_api import (
+    ApiError,
+    EmbeddingData,
+    EmbeddingResponse,
+    RequestLimits,
+    Usage,
+    encode_base64,
+    parse_model,
+    parse_request,
+)
 from clp_ray.serving.versions import RegistryView
 
 log = logging.getLogger("clp_ray.serving.app")

@@ -37,7 +37,7 @@ class ApiKeys:
     digests: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, keys: list[str]) -> "ApiKeys":
+    def of(cls, keys: list[str]) -> ApiKeys:
         return cls(tuple(sorted({_digest(k) for k in keys})))
 
     @property
