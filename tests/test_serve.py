@@ -2,6 +2,7 @@
 clients, the alias moving to a new version while requests run (and pinned versions staying put), API
 keys, limits, the bounded queue, and the error answers."""
 
+import contextlib
 import json
 import os
 import signal
@@ -52,34 +53,41 @@ def models(tmp_path_factory, tiny_path):
     return uri, root, expected
 
 
+@contextlib.contextmanager
+def serve_job(folder: Path, uri: str, args: list[str], api_keys: str | None):
+    """``jobs/serve.py`` on the tiny profile in ``folder``: yields (url, summary) once it is ready;
+    on exit SIGINT (the job shuts Serve and Ray down) and its exit status must be 0."""
+    port, summary, log_path = free_port(), folder / "serve.json", folder / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "CLP_RAY_API_KEYS"}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+    if api_keys:
+        env["CLP_RAY_API_KEYS"] = api_keys
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/serve.py"), *args, "--profile", "tiny",
+                                 "--port", str(port), "--set", f"tracking.tracking_uri={uri}", "--summary", str(summary)],
+                                cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not summary.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}", json.loads(summary.read_text())
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                rc = proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait()
+    assert rc == 0, log_path.read_text()[-3000:]
+
+
 @pytest.fixture(scope="module")
 def service(models):
     uri, root, _ = models
-    port = free_port()
-    summary = root / "serve.json"
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           "CLP_RAY_API_KEYS": f"sk-other-key,{KEY}"}
-    log = open(root / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/serve.py"), "--langs", "hi,ko", "--profile", "tiny",
-                             "--port", str(port), "--set", f"tracking.tracking_uri={uri}",
-                             "--set", f"serve.poll_interval_s={POLL_S}", "--summary", str(summary)],
-                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not summary.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (root / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}", json.loads(summary.read_text())
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)  # the job shuts Serve and Ray down and exits 0
-        try:
-            rc = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
-        log.close()
-    assert rc == 0, (root / "serve.log").read_text()[-3000:]
+    with serve_job(root, uri, ["--langs", "hi,ko", "--set", f"serve.poll_interval_s={POLL_S}"],
+                   api_keys=f"sk-other-key,{KEY}") as running:
+        yield running
 
 
 def embed(url, model, texts, kind="query"):
@@ -298,23 +306,10 @@ def test_an_open_local_server_says_so_and_a_full_queue_is_a_503_with_retry_after
     """No keys on 127.0.0.1: open, and the start-up log says so. One request at a time per replica
     and one queued: the rest of a burst is refused at once (503, Retry-After) instead of queueing."""
     uri, _, expected = models
-    port, summary = free_port(), tmp_path / "serve.json"
-    env = {k: v for k, v in os.environ.items() if k != "CLP_RAY_API_KEYS"}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/serve.py"), "--lang", "hi", "--profile", "tiny",
-                             "--port", str(port), "--set", f"tracking.tracking_uri={uri}",
-                             "--set", "serve.num_replicas=1", "--set", "serve.max_ongoing_requests=1",
-                             "--set", "serve.max_queued_requests=1", "--set", "serve.retry_after_s=2",
-                             "--set", "serve.max_batch_size=1", "--summary", str(summary)],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not summary.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}"
-        assert json.loads(summary.read_text())["auth"] == "open"
+    args = ["--lang", "hi", "--set", "serve.num_replicas=1", "--set", "serve.max_ongoing_requests=1",
+            "--set", "serve.max_queued_requests=1", "--set", "serve.retry_after_s=2", "--set", "serve.max_batch_size=1"]
+    with serve_job(tmp_path, uri, args, api_keys=None) as (url, summary):
+        assert summary["auth"] == "open"
         assert "no API keys: the endpoint is open to anyone who can reach 127.0.0.1" in (tmp_path / "serve.log").read_text()
         texts = TEXTS * 8  # 128 texts: long enough a request that a burst of 12 overlaps
         # (version 1 pinned: an earlier test may have moved @champion)
@@ -337,11 +332,3 @@ def test_an_open_local_server_says_so_and_a_full_queue_is_a_503_with_retry_after
         want = np.stack([expected["hi/1"]["query"][t] for t in texts])
         for _, _, body in ok:
             np.testing.assert_allclose(np.array([d["embedding"] for d in body["data"]]), want, rtol=0, atol=1e-5)
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
