@@ -204,15 +204,15 @@ def st3_folder(src: Path, dst: Path) -> Path:
     loads: its module configs in that version's keys (the weights and tokenizer are the same files)."""
     import shutil
 
-    if not dst.exists():
-        shutil.copytree(src, dst)
-        bert = json.loads((dst / "sentence_bert_config.json").read_text())
-        (dst / "sentence_bert_config.json").write_text(json.dumps({k: bert[k] for k in ("max_seq_length", "do_lower_case")}))
-        pool = json.loads((dst / "1_Pooling/config.json").read_text())
-        mode = pool["pooling_mode"]
-        (dst / "1_Pooling/config.json").write_text(json.dumps({
-            "word_embedding_dimension": pool["embedding_dimension"], "pooling_mode_mean_tokens": mode == "mean",
-            "pooling_mode_cls_token": mode == "cls", "include_prompt": pool.get("include_prompt", True)}))
+    shutil.rmtree(dst, ignore_errors=True)  # a reused --work may hold another model's copy
+    shutil.copytree(src, dst)
+    bert = json.loads((dst / "sentence_bert_config.json").read_text())
+    (dst / "sentence_bert_config.json").write_text(json.dumps({k: bert[k] for k in ("max_seq_length", "do_lower_case")}))
+    pool = json.loads((dst / "1_Pooling/config.json").read_text())
+    mode = pool["pooling_mode"]
+    (dst / "1_Pooling/config.json").write_text(json.dumps({
+        "word_embedding_dimension": pool["embedding_dimension"], "pooling_mode_mean_tokens": mode == "mean",
+        "pooling_mode_cls_token": mode == "cls", "include_prompt": pool.get("include_prompt", True)}))
     return dst
 
 

@@ -6,8 +6,9 @@
 Runs until interrupted (Ctrl-C / SIGTERM), then shuts the app down. Once every model is loaded it
 logs the URL and writes --summary (url, models, versions, auth). API keys come from
 $CLP_RAY_API_KEYS or serve.api_keys_file; without them the app is open, which only a loopback host
-allows unless serve.require_api_keys=false (the cluster profile refuses to start without keys). Replicas, resources, batching and the
-alias poll interval come from the ``serve`` config section (``--set serve.num_replicas=2``).
+allows unless serve.require_api_keys=false (the cluster profile refuses to start without keys).
+Replicas, resources, batching and the alias poll interval come from the ``serve`` config section
+(``--set serve.num_replicas=2``).
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ def main(args) -> dict:
 def serve_until_stopped(cfg, langs: list[str], summary_path) -> dict:
     from ray import serve
 
-    from clp_ray.serving.app import app_for
-    from clp_ray.serving.auth import api_keys_for, describe
+    from clp_ray.serving.app import ServeSettings, app_for
+    from clp_ray.serving.auth import describe
     from clp_ray.train.run import ensure_ray
     from clp_ray.util.atomic import write_json
 
-    keys = api_keys_for(cfg.serve)  # before Ray starts: a cluster profile without keys stops here
+    settings = ServeSettings.from_config(cfg, langs)  # before Ray starts: a cluster profile without keys stops here
+    keys = settings.api_keys
     log.info("%s", describe(keys, cfg.serve))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -58,7 +60,7 @@ def serve_until_stopped(cfg, langs: list[str], summary_path) -> dict:
     try:
         log.info("deploying %s (%d replica(s), %s CPU / %s GPU each); loading the @%s models", ", ".join(langs),
                  cfg.serve.num_replicas, cfg.serve.num_cpus, cfg.serve.num_gpus, cfg.serve.alias)
-        serve.run(app_for(cfg, langs), name=APP_NAME, route_prefix="/")  # returns once the replicas are up
+        serve.run(app_for(cfg, langs, settings), name=APP_NAME, route_prefix="/")  # returns once the replicas are up
         url = f"http://{cfg.serve.host}:{cfg.serve.port}"
         status, readyz = _get(f"http://127.0.0.1:{cfg.serve.port}/readyz" if cfg.serve.host == "0.0.0.0" else f"{url}/readyz")
         summary = {"url": url, "endpoint": f"{url}/v1/embeddings", "langs": langs, "alias": cfg.serve.alias,

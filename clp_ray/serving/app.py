@@ -226,7 +226,7 @@ class EmbeddingService:
             groups.setdefault((job.model_key, job.kind, job.output), []).append(i)
         results: list[Any] = [None] * len(jobs)
         for (key, kind, output), idx in groups.items():
-            model = await self._model(key)
+            model = await self._loaded(key)  # evicted by a pin since the request checked it: loaded again
             # On this thread, not in a worker thread: the forward pass would contend for the GIL
             # with the loop that takes requests in, which then arrive one by one and batches stay
             # small (2.4x fewer requests/s measured). Meanwhile requests queue outside user code.
@@ -241,8 +241,9 @@ class EmbeddingService:
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
+        if (denied := self._denied(request)) is not None:
+            return denied
         try:
-            self.settings.api_keys.check(request.headers.get("authorization"))
             req = parse_request(await request.body(), self.settings.limits)
             key = await self._version_key(req.model)
             model = await self._loaded(key)
@@ -344,12 +345,12 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def app_for(cfg: ExperimentConfig, langs: Optional[list[str]] = None):
-    """The bound Serve application for ``cfg`` (its ``serve`` section) and ``langs`` (a ConfigError
-    when keys are required and none are set)."""
+def app_for(cfg: ExperimentConfig, langs: Optional[list[str]] = None, settings: Optional[ServeSettings] = None):
+    """The bound Serve application for ``cfg`` (its ``serve`` section) and ``langs``; ``settings``
+    when the caller has resolved them already (else a ConfigError when keys are required and none are set)."""
     from ray.serve.config import BackpressureConfig
 
-    settings = ServeSettings.from_config(cfg, langs)
+    settings = settings or ServeSettings.from_config(cfg, langs)
     s = cfg.serve
     return EmbeddingService.options(
         num_replicas=s.num_replicas, max_ongoing_requests=s.max_ongoing_requests,

@@ -83,6 +83,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _key_sources(serve_cfg) -> str:
+    """Where keys go, as the messages name it: ``$CLP_RAY_API_KEYS or serve.api_keys_file``."""
+    return f"${serve_cfg.api_keys_env} or serve.api_keys_file" if serve_cfg.api_keys_env else "serve.api_keys_file"
+
+
 def api_keys_for(serve_cfg, environ=os.environ) -> ApiKeys:
     """The keys the app accepts; a ConfigError when keys are required and there are none."""
     keys = ApiKeys.of(read_keys(serve_cfg.api_keys_env, serve_cfg.api_keys_file, environ))
@@ -90,11 +95,9 @@ def api_keys_for(serve_cfg, environ=os.environ) -> ApiKeys:
     if required is None:
         required = not is_loopback(serve_cfg.host)
     if required and not keys.required:
-        where = " or ".join(x for x in (f"${serve_cfg.api_keys_env}" if serve_cfg.api_keys_env else "",
-                                        "serve.api_keys_file") if x)
         why = ("serve.require_api_keys is true" if serve_cfg.require_api_keys
                else f"serve.host {serve_cfg.host} is reachable from other machines")
-        raise ConfigError(f"the Serve app needs API keys ({why}) and none are set: put them in {where}, "
+        raise ConfigError(f"the Serve app needs API keys ({why}) and none are set: put them in {_key_sources(serve_cfg)}, "
                           "or set serve.require_api_keys=false to serve without authentication")
     return keys
 
@@ -104,4 +107,4 @@ def describe(keys: ApiKeys, serve_cfg) -> str:
     if keys.required:
         return f"API keys required ({len(keys.digests)} accepted): requests need Authorization: Bearer <key>"
     return (f"no API keys: the endpoint is open to anyone who can reach {serve_cfg.host}:{serve_cfg.port} "
-            f"(set ${serve_cfg.api_keys_env or 'CLP_RAY_API_KEYS'} or serve.api_keys_file to require keys)")
+            f"(set {_key_sources(serve_cfg)} to require keys)")
